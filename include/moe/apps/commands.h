@@ -1,0 +1,53 @@
+// The `moe` program's subcommands. Each returns a process exit code and may
+// throw moe::Error (mapped to exit codes by main).
+#pragma once
+#include <string>
+#include <vector>
+
+namespace moe::apps {
+
+struct ConfigArgs {
+  std::string action;  // show | check | keys
+  std::string config_path;
+  std::vector<std::string> overrides;
+  bool markdown = false;  // keys: print a Markdown table
+};
+int run_config(const ConfigArgs& args);
+
+struct TrainArgs {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  int ranks = 0;
+  std::string out_dir;
+  std::string resume_dir;
+};
+int run_train(const TrainArgs& args);
+
+struct BenchArgs {
+  std::string what;  // comm | layer | calibrate
+  std::string config_path;
+  std::vector<std::string> overrides;
+  int ranks = 0;
+  bool json = false;
+  std::string dump_dir;
+};
+int run_bench(const BenchArgs& args);
+
+struct SweepArgs {
+  std::string sweep_path;
+  std::string out_dir;
+  bool predict = false;
+};
+int run_sweep(const SweepArgs& args);
+
+struct CkptArgs {
+  std::string action;  // info | export | import | upcycle | prune
+  std::vector<std::string> paths;
+  std::string safetensors;
+};
+int run_ckpt(const CkptArgs& args);
+
+// For subcommands whose work lands later: says so and returns exit code 1.
+int not_implemented(const std::string& what);
+
+}  // namespace moe::apps

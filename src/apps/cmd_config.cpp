@@ -1,0 +1,44 @@
+#include <iomanip>
+#include <iostream>
+
+#include "moe/apps/commands.h"
+#include "moe/config/config.h"
+#include "moe/core/error.h"
+
+namespace moe::apps {
+
+int not_implemented(const std::string& what) {
+  std::cerr << "moe " << what << ": not implemented yet\n";
+  return kExitOther;
+}
+
+int run_config(const ConfigArgs& args) {
+  if (args.action == "keys") {
+    if (args.markdown) {
+      std::cout << "| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n";
+      for (const auto& k : config_keys())
+        std::cout << "| `" << k.section << "." << k.key << "` | " << k.type << " | `" << k.default_value
+                  << "` | " << k.allowed << " | " << k.doc << " |\n";
+    } else {
+      for (const auto& k : config_keys())
+        std::cout << std::left << std::setw(26) << (k.section + "." + k.key) << std::setw(10) << k.type
+                  << std::setw(14) << k.default_value << k.doc << "  [" << k.allowed << "]\n";
+    }
+    return kExitOk;
+  }
+  if (args.config_path.empty()) MOE_THROW(UsageError, "moe config " << args.action << ": CONFIG file is required");
+  Config cfg = load_config(args.config_path, args.overrides);
+  if (args.action == "show") {
+    std::cout << dump_config(cfg);
+  } else {
+    std::cout << args.config_path << ": ok (hash " << std::hex << config_hash(cfg) << std::dec << ")\n";
+  }
+  return kExitOk;
+}
+
+int run_train(const TrainArgs&) { return not_implemented("train"); }
+int run_bench(const BenchArgs& args) { return not_implemented("bench " + args.what); }
+int run_sweep(const SweepArgs&) { return not_implemented("sweep"); }
+int run_ckpt(const CkptArgs& args) { return not_implemented("ckpt " + args.action); }
+
+}  // namespace moe::apps

@@ -1,0 +1,114 @@
+// `moe`: one program, subcommands train | bench | sweep | config | ckpt.
+// Thin: parse arguments, call the subcommand, map errors to exit codes.
+#include <CLI/CLI.hpp>
+
+#include <iostream>
+
+#include "moe/apps/commands.h"
+#include "moe/core/error.h"
+
+namespace {
+
+// The first positional of `config show`/`bench` etc. is the config; the rest
+// are section.key=value overrides.
+void split_config_and_overrides(std::vector<std::string>& positionals, std::string* config,
+                                std::vector<std::string>* overrides) {
+  for (auto& p : positionals) {
+    if (config->empty() && p.find('=') == std::string::npos)
+      *config = p;
+    else
+      overrides->push_back(p);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace moe;
+  CLI::App app{"moe: train Mixture-of-Experts models with expert parallelism", "moe"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "moe 0.1.0");
+  app.footer("Exit codes: 0 ok, 2 bad input (usage, config, data, checkpoint), 3 communication failure, 1 other.");
+
+  // train
+  apps::TrainArgs train;
+  std::vector<std::string> train_pos;
+  auto* train_cmd = app.add_subcommand("train", "Train an MoE language model");
+  train_cmd->add_option("config_and_overrides", train_pos, "CONFIG [section.key=value ...]")->required();
+  train_cmd->add_option("--ranks", train.ranks, "simulate N ranks as threads of this process")
+      ->check(CLI::Range(1, 1024));
+  train_cmd->add_option("--out", train.out_dir, "run directory: config.yaml, metrics.jsonl, checkpoints/");
+  train_cmd->add_option("--resume", train.resume_dir, "continue from the newest valid checkpoint in DIR");
+
+  // bench
+  apps::BenchArgs bench;
+  std::vector<std::string> bench_pos;
+  auto* bench_cmd = app.add_subcommand("bench", "Benchmarks: comm (all-to-all), layer (MoE layer), calibrate");
+  bench_cmd->add_option("what", bench.what, "comm | layer | calibrate")
+      ->required()
+      ->check(CLI::IsMember({"comm", "layer", "calibrate"}));
+  bench_cmd->add_option("config_and_overrides", bench_pos, "[CONFIG] [section.key=value ...]");
+  bench_cmd->add_option("--ranks", bench.ranks, "simulate N ranks as threads")->check(CLI::Range(1, 1024));
+  bench_cmd->add_flag("--json", bench.json, "print results as JSON");
+  bench_cmd->add_option("--dump", bench.dump_dir, "write raw timings to DIR");
+
+  // sweep
+  apps::SweepArgs sweep;
+  auto* sweep_cmd = app.add_subcommand("sweep", "Run a scaling experiment described by a sweep YAML");
+  sweep_cmd->add_option("sweep", sweep.sweep_path, "SWEEP.yaml")->required();
+  sweep_cmd->add_option("--out", sweep.out_dir, "results directory (results.csv, results.jsonl)");
+  sweep_cmd->add_flag("--predict", sweep.predict, "add cost-model predictions");
+
+  // config
+  apps::ConfigArgs config;
+  std::vector<std::string> config_pos;
+  auto* config_cmd = app.add_subcommand("config", "Show, check or list configuration");
+  config_cmd->require_subcommand(1);
+  auto* show = config_cmd->add_subcommand("show", "Print the resolved config as YAML");
+  show->add_option("config_and_overrides", config_pos, "CONFIG [section.key=value ...]")->required();
+  auto* check = config_cmd->add_subcommand("check", "Validate a config: exit 0 if valid, 2 if not");
+  check->add_option("config_and_overrides", config_pos, "CONFIG [section.key=value ...]")->required();
+  auto* keys = config_cmd->add_subcommand("keys", "List every config key with type, default and meaning");
+  keys->add_flag("--markdown", config.markdown, "print a Markdown table");
+
+  // ckpt
+  apps::CkptArgs ckpt;
+  auto* ckpt_cmd = app.add_subcommand("ckpt", "Inspect and convert checkpoints");
+  ckpt_cmd->add_option("action", ckpt.action, "info | export | import | upcycle | prune")
+      ->required()
+      ->check(CLI::IsMember({"info", "export", "import", "upcycle", "prune"}));
+  ckpt_cmd->add_option("paths", ckpt.paths, "checkpoint directories / files");
+  ckpt_cmd->add_option("--safetensors", ckpt.safetensors, "safetensors file to export to / import from");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    std::cerr << "UsageError: " << e.what() << " (run with --help for usage)\n";
+    return kExitBadInput;
+  }
+
+  try {
+    if (*train_cmd) {
+      split_config_and_overrides(train_pos, &train.config_path, &train.overrides);
+      return apps::run_train(train);
+    }
+    if (*bench_cmd) {
+      split_config_and_overrides(bench_pos, &bench.config_path, &bench.overrides);
+      return apps::run_bench(bench);
+    }
+    if (*sweep_cmd) return apps::run_sweep(sweep);
+    if (*config_cmd) {
+      config.action = *show ? "show" : *check ? "check" : "keys";
+      split_config_and_overrides(config_pos, &config.config_path, &config.overrides);
+      return apps::run_config(config);
+    }
+    if (*ckpt_cmd) return apps::run_ckpt(ckpt);
+  } catch (const std::exception& e) {
+    std::string line;
+    int code = describe_exception(e, &line);
+    std::cerr << line << "\n";
+    return code;
+  }
+  return kExitOther;
+}
