@@ -12,13 +12,20 @@ int not_implemented(const std::string& what) {
   return kExitOther;
 }
 
+namespace {
+std::string md_escape(std::string s) {
+  for (size_t p = 0; (p = s.find('|', p)) != std::string::npos; p += 2) s.replace(p, 1, "\\|");
+  return s;
+}
+}  // namespace
+
 int run_config(const ConfigArgs& args) {
   if (args.action == "keys") {
     if (args.markdown) {
       std::cout << "| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n";
       for (const auto& k : config_keys())
         std::cout << "| `" << k.section << "." << k.key << "` | " << k.type << " | `" << k.default_value
-                  << "` | " << k.allowed << " | " << k.doc << " |\n";
+                  << "` | " << md_escape(k.allowed) << " | " << md_escape(k.doc) << " |\n";
     } else {
       for (const auto& k : config_keys())
         std::cout << std::left << std::setw(26) << (k.section + "." + k.key) << std::setw(10) << k.type

@@ -1,0 +1,145 @@
+#include "moe/comm/communicator.h"
+
+#include <numeric>
+#include <sstream>
+
+#include "moe/core/error.h"
+
+namespace moe::comm {
+
+const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum: return "sum";
+    case ReduceOp::Avg: return "avg";
+    case ReduceOp::Max: return "max";
+  }
+  return "?";
+}
+
+bool supported_dtype(c10::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32:
+    case torch::kFloat64:
+    case torch::kBFloat16:
+    case torch::kFloat16:
+    case torch::kInt64:
+    case torch::kInt32:
+    case torch::kUInt8: return true;
+    default: return false;
+  }
+}
+
+int64_t row_bytes(const torch::Tensor& t) {
+  int64_t n = t.element_size();
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+std::string shape_str(const torch::Tensor& t) {
+  std::ostringstream os;
+  os << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) os << (d ? ", " : "") << t.size(d);
+  os << "]";
+  return os.str();
+}
+
+std::string counts_str(const std::vector<int64_t>& v) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
+  os << "]";
+  return os.str();
+}
+
+void Communicator::set_timeout_s(double seconds) {
+  MOE_CHECK_T(ConfigError, seconds > 0, "communicator timeout " << seconds << " s must be > 0");
+  timeout_s_ = seconds;
+}
+
+void Communicator::check_device(const torch::Tensor& t, const char* op, const char* arg) const {
+  MOE_CHECK_T(ShapeError, t.device().is_cpu(),
+              op << ": " << arg << " is on " << t.device() << " but backend " << backend_name()
+                 << " carries CPU tensors only");
+}
+
+namespace {
+void check_tensor(const Communicator& c, const torch::Tensor& t, const char* op, const char* arg) {
+  MOE_CHECK_T(ShapeError, t.defined(), op << ": " << arg << " is an undefined tensor");
+  MOE_CHECK_T(ShapeError, supported_dtype(t.scalar_type()),
+              op << ": " << arg << " has dtype " << t.scalar_type()
+                 << "; allowed float32, float64, bfloat16, float16, int64, int32, uint8");
+  MOE_CHECK_T(ShapeError, t.is_contiguous(),
+              op << ": " << arg << " of shape " << shape_str(t) << " is not contiguous (call .contiguous())");
+  MOE_CHECK_T(ShapeError, t.dim() >= 1, op << ": " << arg << " must have at least 1 dimension, got a scalar");
+  (void)c;
+}
+
+void check_counts(const Communicator& c, const std::vector<int64_t>& counts, const char* op, const char* arg) {
+  MOE_CHECK_T(ShapeError, static_cast<int>(counts.size()) == c.size(),
+              op << ": " << arg << " has " << counts.size() << " entries " << counts_str(counts)
+                 << " but the communicator has " << c.size() << " ranks");
+  for (size_t i = 0; i < counts.size(); ++i)
+    MOE_CHECK_T(ShapeError, counts[i] >= 0, op << ": " << arg << "[" << i << "] = " << counts[i] << " is negative");
+}
+}  // namespace
+
+torch::Tensor Communicator::all_to_all(const torch::Tensor& input) {
+  check_tensor(*this, input, "all_to_all", "input");
+  check_device(input, "all_to_all", "input");
+  MOE_CHECK_T(ShapeError, input.size(0) % size() == 0,
+              "all_to_all: input dim 0 = " << input.size(0) << " (shape " << shape_str(input)
+                                           << ") is not divisible by the world size " << size());
+  std::vector<int64_t> rows(size(), input.size(0) / size());
+  return do_all_to_all_v(input, rows, rows, "all_to_all");
+}
+
+torch::Tensor Communicator::all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
+                                         const std::vector<int64_t>& recv_rows) {
+  check_tensor(*this, input, "all_to_all_v", "input");
+  check_device(input, "all_to_all_v", "input");
+  check_counts(*this, send_rows, "all_to_all_v", "send_rows");
+  check_counts(*this, recv_rows, "all_to_all_v", "recv_rows");
+  int64_t total = std::accumulate(send_rows.begin(), send_rows.end(), int64_t{0});
+  MOE_CHECK_T(ShapeError, total == input.size(0),
+              "all_to_all_v: send_rows " << counts_str(send_rows) << " add up to " << total
+                                         << " but input has " << input.size(0) << " rows (shape "
+                                         << shape_str(input) << ")");
+  return do_all_to_all_v(input, send_rows, recv_rows, "all_to_all_v");
+}
+
+std::vector<int64_t> Communicator::exchange_counts(const std::vector<int64_t>& send_rows) {
+  check_counts(*this, send_rows, "exchange_counts", "send_rows");
+  auto sent = torch::tensor(send_rows, torch::kInt64);
+  std::vector<int64_t> ones(size(), 1);
+  auto got = do_all_to_all_v(sent, ones, ones, "exchange_counts");
+  return std::vector<int64_t>(got.data_ptr<int64_t>(), got.data_ptr<int64_t>() + size());
+}
+
+void Communicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
+  check_tensor(*this, tensor, "all_reduce", "tensor");
+  check_device(tensor, "all_reduce", "tensor");
+  do_all_reduce(tensor, op);
+}
+
+torch::Tensor Communicator::all_gather(const torch::Tensor& tensor) {
+  check_tensor(*this, tensor, "all_gather", "tensor");
+  check_device(tensor, "all_gather", "tensor");
+  return do_all_gather(tensor);
+}
+
+void Communicator::broadcast(torch::Tensor& tensor, int root) {
+  check_tensor(*this, tensor, "broadcast", "tensor");
+  check_device(tensor, "broadcast", "tensor");
+  MOE_CHECK_T(ShapeError, root >= 0 && root < size(),
+              "broadcast: root " << root << " is not a rank of this communicator (size " << size() << ")");
+  do_broadcast(tensor, root);
+}
+
+void Communicator::barrier() { do_barrier(); }
+
+std::unique_ptr<Communicator> Communicator::split(int color, int key) {
+  MOE_CHECK_T(ShapeError, color >= 0, "split: color " << color << " must be >= 0");
+  return do_split(color, key);
+}
+
+}  // namespace moe::comm

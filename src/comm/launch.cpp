@@ -1,0 +1,73 @@
+#include "moe/comm/launch.h"
+
+#include <cstdlib>
+
+#include "moe/comm/thread_comm.h"
+#include "moe/core/error.h"
+#include "moe/core/log.h"
+#if MOE_HAVE_MPI
+#include "moe/comm/mpi_comm.h"
+#endif
+#if MOE_HAVE_NCCL
+#include "moe/comm/nccl_comm.h"
+#endif
+
+namespace moe::comm {
+
+namespace {
+bool under_mpirun() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(var)) return true;
+  return false;
+}
+}  // namespace
+
+std::string resolve_backend(const std::string& requested) {
+  if (requested == "auto") return under_mpirun() && MOE_HAVE_MPI ? "mpi" : "thread";
+  if (requested == "thread") return requested;
+  if (requested == "mpi") {
+    MOE_CHECK_T(ConfigError, MOE_HAVE_MPI, "parallel.backend = 'mpi' but this build has no MPI backend");
+    return requested;
+  }
+  if (requested == "nccl") {
+    MOE_CHECK_T(ConfigError, MOE_HAVE_NCCL && MOE_HAVE_MPI,
+                "parallel.backend = 'nccl' needs a build with NCCL and MPI (bootstrap)");
+    return requested;
+  }
+  MOE_THROW(ConfigError, "parallel.backend = '" << requested << "' is not one of auto, thread, mpi, nccl");
+}
+
+int launcher_world_size(const std::string& backend, int thread_ranks) {
+  if (backend == "thread") return thread_ranks;
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
+    if (const char* v = std::getenv(var)) return std::atoi(v);
+  return 1;
+}
+
+void run_on_world(const std::string& backend, int thread_ranks, double timeout_s,
+                  const std::function<void(Communicator&)>& fn) {
+  if (backend == "thread") {
+    run_ranks(thread_ranks, timeout_s, fn);
+    return;
+  }
+#if MOE_HAVE_MPI
+  if (backend == "mpi" || backend == "nccl") {
+    auto world = MpiComm::world(timeout_s);
+    set_current_rank(world->rank());
+    if (backend == "mpi") {
+      fn(*world);
+      return;
+    }
+#if MOE_HAVE_NCCL
+    int local = 0;
+    if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = std::atoi(v);
+    auto nccl = NcclComm::create(*world, local, timeout_s);
+    fn(*nccl);
+    return;
+#endif
+  }
+#endif
+  MOE_THROW(ConfigError, "backend '" << backend << "' is not available in this build");
+}
+
+}  // namespace moe::comm

@@ -1,0 +1,334 @@
+#include "moe/comm/mpi_comm.h"
+
+#include <mpi.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <thread>
+
+#include "moe/core/error.h"
+#include "moe/core/log.h"
+
+namespace moe::comm {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+
+bool g_initialised_here = false;
+bool g_broken = false;  // a collective failed: MPI_Finalize could hang
+
+MPI_Comm& as_comm(void*& p) { return *reinterpret_cast<MPI_Comm*>(&p); }
+MPI_Comm as_comm_c(void* p) {
+  MPI_Comm c;
+  std::memcpy(&c, &p, sizeof c);
+  return c;
+}
+
+std::string mpi_error_string(int code) {
+  char buf[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(code, buf, &len);
+  return std::string(buf, len);
+}
+
+MPI_Datatype mpi_type(c10::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32: return MPI_FLOAT;
+    case torch::kFloat64: return MPI_DOUBLE;
+    case torch::kInt64: return MPI_INT64_T;
+    case torch::kInt32: return MPI_INT32_T;
+    case torch::kUInt8: return MPI_UINT8_T;
+    default: return MPI_DATATYPE_NULL;
+  }
+}
+
+// A contiguous datatype of one row, so counts are rows (no 2 GiB byte limit).
+struct RowType {
+  MPI_Datatype type = MPI_DATATYPE_NULL;
+  explicit RowType(int64_t bytes) {
+    MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, &type);
+    MPI_Type_commit(&type);
+  }
+  ~RowType() { MPI_Type_free(&type); }
+};
+
+constexpr int kTagSpace = 1 << 20;  // tags cycle through this many collectives
+}  // namespace
+
+static_assert(sizeof(MPI_Comm) <= sizeof(void*), "MPI_Comm must fit in a pointer");
+
+bool MpiComm::launched_by_mpirun() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"})
+    if (std::getenv(var)) return true;
+  return false;
+}
+
+std::unique_ptr<MpiComm> MpiComm::world(double timeout_s) {
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  if (!initialised) {
+    int provided = 0;
+    if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS)
+      MOE_THROW(CommError, "MPI_Init_thread failed");
+    g_initialised_here = true;
+  }
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  void* p = nullptr;
+  MPI_Comm c = MPI_COMM_WORLD;
+  std::memcpy(&p, &c, sizeof c);
+  return std::unique_ptr<MpiComm>(new MpiComm(p, timeout_s, false));
+}
+
+void MpiComm::finalize() {
+  int initialised = 0, finalised = 0;
+  MPI_Initialized(&initialised);
+  MPI_Finalized(&finalised);
+  if (initialised && !finalised && g_initialised_here && !g_broken) MPI_Finalize();
+}
+
+void MpiComm::abort_job(int code) {
+  int initialised = 0, finalised = 0;
+  MPI_Initialized(&initialised);
+  MPI_Finalized(&finalised);
+  if (initialised && !finalised) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+MpiComm::MpiComm(void* comm, double timeout_s, bool owned) : comm_(comm), owned_(owned) {
+  set_timeout_s(timeout_s);
+  MPI_Comm_rank(as_comm_c(comm_), &rank_);
+  MPI_Comm_size(as_comm_c(comm_), &size_);
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank_);
+  MPI_Comm_set_errhandler(as_comm_c(comm_), MPI_ERRORS_RETURN);
+}
+
+MpiComm::~MpiComm() {
+  int finalised = 0;
+  MPI_Finalized(&finalised);
+  if (owned_ && !finalised && !g_broken) MPI_Comm_free(&as_comm(comm_));
+}
+
+void MpiComm::abort(const std::string& reason) {
+  MOE_LOG(Error) << "aborting the MPI job: " << reason;
+  abort_job(kExitComm);
+}
+
+void MpiComm::fail(const std::string& reason) {
+  g_broken = true;
+  MOE_THROW(CommError, reason);
+}
+
+void MpiComm::wait_collective(void* request_ptr, const char* op, uint64_t seq) {
+  MPI_Request* req = static_cast<MPI_Request*>(request_ptr);
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  int done = 0;
+  MPI_Status status;
+  for (uint64_t spins = 0;; ++spins) {
+    int rc = MPI_Test(req, &done, &status);
+    if (rc != MPI_SUCCESS) {
+      std::ostringstream why;
+      why << op << " #" << seq << " failed: " << mpi_error_string(rc);
+      fail(why.str());
+    }
+    if (done) return;
+    if ((spins & 255) == 255) {
+      if (Clock::now() > deadline) {
+        std::ostringstream why;
+        why << op << " #" << seq << " did not complete within " << timeout_s_ << " s on rank " << world_rank_
+            << ": a peer in this group of " << size_ << " ranks is stalled, dead, or called a different collective";
+        fail(why.str());
+      }
+      std::this_thread::yield();
+    }
+  }
+}
+
+torch::Tensor MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
+                                       const std::vector<int64_t>& recv_rows, const char* op) {
+  if (g_broken) MOE_THROW(CommError, op << " refused: an earlier collective failed on this rank");
+  const uint64_t seq = ++seq_;
+  const int tag = static_cast<int>(seq % kTagSpace);
+  const int64_t rb = row_bytes(input);
+  int64_t total = 0;
+  for (auto r : recv_rows) total += r;
+  std::vector<int64_t> out_shape = input.sizes().vec();
+  out_shape[0] = total;
+  torch::Tensor out = torch::empty(out_shape, input.options());
+  if (rb == 0) return out;
+  MPI_Comm comm = as_comm_c(comm_);
+  RowType row(rb);
+  std::vector<int64_t> send_off(size_ + 1, 0), recv_off(size_ + 1, 0);
+  for (int i = 0; i < size_; ++i) {
+    send_off[i + 1] = send_off[i] + send_rows[i];
+    recv_off[i + 1] = recv_off[i] + recv_rows[i];
+  }
+  const char* src = static_cast<const char*>(input.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  // Receives carry room for one extra row: a peer that sends more than
+  // expected is then caught by the count check instead of MPI truncation.
+  std::vector<MPI_Request> reqs;
+  std::vector<int> req_peer;  // >= 0: receive from peer; < 0: send to -(peer+1)
+  std::vector<torch::Tensor> overflow(size_);
+  for (int k = 1; k < size_; ++k) {
+    int peer = (rank_ - k + size_) % size_;
+    overflow[peer] = torch::empty({(recv_rows[peer] + 1) * rb}, torch::kUInt8);
+    MPI_Request r;
+    MPI_Irecv(overflow[peer].data_ptr(), static_cast<int>(recv_rows[peer] + 1), row.type, peer, tag, comm, &r);
+    reqs.push_back(r);
+    req_peer.push_back(peer);
+  }
+  for (int k = 1; k < size_; ++k) {
+    int peer = (rank_ + k) % size_;
+    MPI_Request r;
+    MPI_Isend(src + send_off[peer] * rb, static_cast<int>(send_rows[peer]), row.type, peer, tag, comm, &r);
+    reqs.push_back(r);
+    req_peer.push_back(-(peer + 1));
+  }
+  if (send_rows[rank_] != recv_rows[rank_]) {
+    std::ostringstream why;
+    why << "rank " << world_rank_ << " sends itself " << send_rows[rank_] << " rows but expects "
+        << recv_rows[rank_] << " (" << op << " #" << seq << ")";
+    fail(why.str());
+  }
+  if (send_rows[rank_] > 0) std::memcpy(dst + recv_off[rank_] * rb, src + send_off[rank_] * rb, send_rows[rank_] * rb);
+
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  std::vector<bool> done(reqs.size(), false);
+  size_t remaining = reqs.size();
+  std::vector<int> indices(reqs.size());
+  std::vector<MPI_Status> statuses(reqs.size());
+  for (uint64_t spins = 0; remaining > 0; ++spins) {
+    int outcount = 0;
+    int rc = MPI_Testsome(static_cast<int>(reqs.size()), reqs.data(), &outcount, indices.data(), statuses.data());
+    if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
+      std::ostringstream why;
+      why << op << " #" << seq << " failed on rank " << world_rank_ << ": " << mpi_error_string(rc);
+      fail(why.str());
+    }
+    for (int i = 0; outcount != MPI_UNDEFINED && i < outcount; ++i) {
+      int idx = indices[i];
+      done[idx] = true;
+      --remaining;
+      int peer = req_peer[idx];
+      if (peer < 0) continue;
+      int got = 0;
+      MPI_Get_count(&statuses[i], row.type, &got);
+      if (got != recv_rows[peer]) {
+        std::ostringstream why;
+        why << "rank " << peer << " sent " << (got > recv_rows[peer] ? "more than " + std::to_string(recv_rows[peer]) : std::to_string(got))
+            << " rows to rank " << world_rank_ << ", which expected " << recv_rows[peer] << " (" << op << " #" << seq
+            << ")";
+        fail(why.str());
+      }
+      if (got > 0) std::memcpy(dst + recv_off[peer] * rb, overflow[peer].data_ptr(), got * rb);
+    }
+    if (outcount == MPI_UNDEFINED) break;
+    if (remaining > 0 && (spins & 255) == 255) {
+      if (Clock::now() > deadline) {
+        std::ostringstream why;
+        bool first = true;
+        for (size_t i = 0; i < reqs.size(); ++i) {
+          if (done[i] || req_peer[i] < 0) continue;
+          why << (first ? "rank " : ", rank ") << req_peer[i];
+          first = false;
+        }
+        if (first) why << "peers";
+        why << " did not send " << op << " #" << seq << " data to rank " << world_rank_ << " within " << timeout_s_
+            << " s (stalled, dead, or in a different collective)";
+        fail(why.str());
+      }
+      std::this_thread::yield();
+    }
+  }
+  return out;
+}
+
+void MpiComm::raw_alltoallv(const torch::Tensor& input, torch::Tensor& output, const std::vector<int64_t>& send_rows,
+                            const std::vector<int64_t>& recv_rows) {
+  const int64_t rb = row_bytes(input);
+  std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
+  int s = 0, r = 0;
+  for (int i = 0; i < size_; ++i) {
+    sc[i] = static_cast<int>(send_rows[i] * rb);
+    rc[i] = static_cast<int>(recv_rows[i] * rb);
+    sd[i] = s;
+    rd[i] = r;
+    s += sc[i];
+    r += rc[i];
+  }
+  int rc_ = MPI_Alltoallv(input.data_ptr(), sc.data(), sd.data(), MPI_BYTE, output.data_ptr(), rc.data(), rd.data(),
+                          MPI_BYTE, as_comm_c(comm_));
+  if (rc_ != MPI_SUCCESS) MOE_THROW(CommError, "MPI_Alltoallv failed: " << mpi_error_string(rc_));
+}
+
+void MpiComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
+  if (g_broken) MOE_THROW(CommError, "all_reduce refused: an earlier collective failed on this rank");
+  const uint64_t seq = ++seq_;
+  const bool low_precision = tensor.scalar_type() == torch::kBFloat16 || tensor.scalar_type() == torch::kFloat16;
+  torch::Tensor work = low_precision ? tensor.to(torch::kFloat32) : tensor;
+  MPI_Request req;
+  MPI_Op mop = op == ReduceOp::Max ? MPI_MAX : MPI_SUM;
+  int rc = MPI_Iallreduce(MPI_IN_PLACE, work.data_ptr(), static_cast<int>(work.numel()),
+                          mpi_type(work.scalar_type()), mop, as_comm_c(comm_), &req);
+  if (rc != MPI_SUCCESS) fail(std::string("all_reduce failed: ") + mpi_error_string(rc));
+  wait_collective(&req, "all_reduce", seq);
+  if (op == ReduceOp::Avg) {
+    if (work.is_floating_point())
+      work.div_(size_);
+    else
+      work.copy_(work.div(size_, "floor"));
+  }
+  if (low_precision) tensor.copy_(work);
+}
+
+torch::Tensor MpiComm::do_all_gather(const torch::Tensor& tensor) {
+  if (g_broken) MOE_THROW(CommError, "all_gather refused: an earlier collective failed on this rank");
+  const uint64_t seq = ++seq_;
+  std::vector<int64_t> shape = tensor.sizes().vec();
+  shape[0] *= size_;
+  torch::Tensor out = torch::empty(shape, tensor.options());
+  int64_t bytes = tensor.numel() * tensor.element_size();
+  MOE_CHECK_T(ShapeError, bytes < (int64_t{1} << 31), "all_gather: tensor of " << bytes << " bytes exceeds 2 GiB");
+  MPI_Request req;
+  int rc = MPI_Iallgather(tensor.data_ptr(), static_cast<int>(bytes), MPI_BYTE, out.data_ptr(),
+                          static_cast<int>(bytes), MPI_BYTE, as_comm_c(comm_), &req);
+  if (rc != MPI_SUCCESS) fail(std::string("all_gather failed: ") + mpi_error_string(rc));
+  wait_collective(&req, "all_gather", seq);
+  return out;
+}
+
+void MpiComm::do_broadcast(torch::Tensor& tensor, int root) {
+  if (g_broken) MOE_THROW(CommError, "broadcast refused: an earlier collective failed on this rank");
+  const uint64_t seq = ++seq_;
+  int64_t bytes = tensor.numel() * tensor.element_size();
+  MOE_CHECK_T(ShapeError, bytes < (int64_t{1} << 31), "broadcast: tensor of " << bytes << " bytes exceeds 2 GiB");
+  MPI_Request req;
+  int rc = MPI_Ibcast(tensor.data_ptr(), static_cast<int>(bytes), MPI_BYTE, root, as_comm_c(comm_), &req);
+  if (rc != MPI_SUCCESS) fail(std::string("broadcast failed: ") + mpi_error_string(rc));
+  wait_collective(&req, "broadcast", seq);
+}
+
+void MpiComm::do_barrier() {
+  if (g_broken) MOE_THROW(CommError, "barrier refused: an earlier collective failed on this rank");
+  const uint64_t seq = ++seq_;
+  MPI_Request req;
+  int rc = MPI_Ibarrier(as_comm_c(comm_), &req);
+  if (rc != MPI_SUCCESS) fail(std::string("barrier failed: ") + mpi_error_string(rc));
+  wait_collective(&req, "barrier", seq);
+}
+
+std::unique_ptr<Communicator> MpiComm::do_split(int color, int key) {
+  if (g_broken) MOE_THROW(CommError, "split refused: an earlier collective failed on this rank");
+  // MPI_Comm_split blocks without a timeout: a barrier with one first.
+  do_barrier();
+  MPI_Comm child;
+  int rc = MPI_Comm_split(as_comm_c(comm_), color, key, &child);
+  if (rc != MPI_SUCCESS) fail(std::string("split failed: ") + mpi_error_string(rc));
+  void* p = nullptr;
+  std::memcpy(&p, &child, sizeof child);
+  return std::unique_ptr<MpiComm>(new MpiComm(p, timeout_s_, true));
+}
+
+}  // namespace moe::comm

@@ -1,0 +1,473 @@
+// Communication layer tests. One conformance body per operation, run under
+// ThreadComm at world 1-4 and under `mpirun -np 1/2/4` (ctest runs this binary
+// with --gtest_filter=Mpi* under mpirun); mesh tests; fault tests.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <thread>
+
+#include "moe/comm/communicator.h"
+#include "moe/comm/mesh.h"
+#include "moe/comm/thread_comm.h"
+#include "moe/core/error.h"
+#include "moe/core/log.h"
+#if MOE_HAVE_MPI
+#include "moe/comm/mpi_comm.h"
+#endif
+
+using namespace moe;
+using namespace moe::comm;
+
+namespace {
+
+const std::vector<c10::ScalarType> kDtypes = {torch::kFloat32, torch::kBFloat16, torch::kInt64};
+
+// Small integers, exact in every dtype tested (bfloat16 is exact to 256).
+double code(int src, int dst, int64_t row, int64_t col) { return src * 16 + dst * 4 + (row % 4) + col % 2; }
+
+torch::Tensor block(int src, int dst, int64_t rows, std::vector<int64_t> trailing, c10::ScalarType dt) {
+  std::vector<int64_t> shape = {rows};
+  shape.insert(shape.end(), trailing.begin(), trailing.end());
+  torch::Tensor t = torch::empty(shape, torch::kFloat64);
+  int64_t cols = 1;
+  for (auto d : trailing) cols *= d;
+  auto flat = t.view({rows, cols});
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < flat.size(1); ++c) flat[r][c] = code(src, dst, r, c);
+  return t.to(dt);
+}
+
+// ---- conformance bodies ------------------------------------------------------
+
+void body_all_to_all(Communicator& c) {
+  const int n = c.size(), me = c.rank();
+  for (auto dt : kDtypes) {
+    std::vector<torch::Tensor> parts;
+    for (int dst = 0; dst < n; ++dst) parts.push_back(block(me, dst, 3, {5}, dt));
+    torch::Tensor out = c.all_to_all(torch::cat(parts, 0));
+    ASSERT_EQ(out.sizes(), torch::IntArrayRef({3 * n, 5}));
+    ASSERT_EQ(out.scalar_type(), dt);
+    for (int src = 0; src < n; ++src)
+      EXPECT_TRUE(torch::equal(out.slice(0, 3 * src, 3 * src + 3), block(src, me, 3, {5}, dt)))
+          << "dtype " << dt << " block from rank " << src;
+  }
+}
+
+int64_t uneven_rows(int src, int dst) { return (src + 2 * dst) % 3; }  // includes zeros
+
+void body_all_to_all_v(Communicator& c) {
+  const int n = c.size(), me = c.rank();
+  for (auto dt : kDtypes) {
+    std::vector<torch::Tensor> parts;
+    std::vector<int64_t> send(n), recv(n);
+    for (int dst = 0; dst < n; ++dst) {
+      send[dst] = uneven_rows(me, dst);
+      parts.push_back(block(me, dst, send[dst], {2, 3}, dt));
+    }
+    for (int src = 0; src < n; ++src) recv[src] = uneven_rows(src, me);
+    EXPECT_EQ(c.exchange_counts(send), recv);
+    torch::Tensor out = c.all_to_all_v(torch::cat(parts, 0), send, recv);
+    int64_t total = 0;
+    for (auto r : recv) total += r;
+    ASSERT_EQ(out.sizes(), torch::IntArrayRef({total, 2, 3}));
+    int64_t off = 0;
+    for (int src = 0; src < n; ++src) {
+      EXPECT_TRUE(torch::equal(out.slice(0, off, off + recv[src]), block(src, me, recv[src], {2, 3}, dt)))
+          << "dtype " << dt << " from rank " << src;
+      off += recv[src];
+    }
+  }
+  // Everyone sends nothing at all.
+  std::vector<int64_t> zeros(n, 0);
+  torch::Tensor out = c.all_to_all_v(torch::empty({0, 4}), zeros, zeros);
+  EXPECT_EQ(out.size(0), 0);
+  EXPECT_EQ(out.size(1), 4);
+}
+
+void body_all_reduce(Communicator& c) {
+  const int n = c.size(), me = c.rank();
+  for (auto dt : kDtypes) {
+    torch::Tensor t = torch::full({4, 3}, me + 1, torch::kFloat64).to(dt);
+    c.all_reduce(t, ReduceOp::Sum);
+    EXPECT_TRUE(torch::equal(t, torch::full({4, 3}, n * (n + 1) / 2, torch::kFloat64).to(dt))) << dt;
+    t = torch::arange(12, torch::kFloat64).view({4, 3}).add(me).to(dt);
+    c.all_reduce(t, ReduceOp::Max);
+    EXPECT_TRUE(torch::equal(t, torch::arange(12, torch::kFloat64).view({4, 3}).add(n - 1).to(dt))) << dt;
+    t = torch::full({5}, 2 * me, torch::kFloat64).to(dt);
+    c.all_reduce(t, ReduceOp::Avg);
+    EXPECT_TRUE(torch::equal(t, torch::full({5}, n - 1, torch::kFloat64).to(dt))) << dt;
+  }
+  // Same bits on every rank, even for sums that round.
+  torch::Tensor r = torch::rand({64}, torch::TensorOptions().dtype(torch::kFloat32)).mul(1e3 * (me + 1));
+  c.all_reduce(r, ReduceOp::Sum);
+  torch::Tensor all = c.all_gather(r.view({1, 64}));
+  for (int i = 1; i < n; ++i) EXPECT_TRUE(torch::equal(all[i], all[0])) << "rank " << i << " differs from rank 0";
+}
+
+void body_all_gather(Communicator& c) {
+  const int n = c.size(), me = c.rank();
+  for (auto dt : kDtypes) {
+    torch::Tensor t = block(me, 0, 2, {3}, dt);
+    torch::Tensor out = c.all_gather(t);
+    ASSERT_EQ(out.sizes(), torch::IntArrayRef({2 * n, 3}));
+    for (int src = 0; src < n; ++src)
+      EXPECT_TRUE(torch::equal(out.slice(0, 2 * src, 2 * src + 2), block(src, 0, 2, {3}, dt)));
+  }
+}
+
+void body_broadcast(Communicator& c) {
+  const int n = c.size(), me = c.rank();
+  for (auto dt : kDtypes) {
+    for (int root : {0, n - 1}) {
+      torch::Tensor t = block(me, me, 3, {2}, dt);
+      c.broadcast(t, root);
+      EXPECT_TRUE(torch::equal(t, block(root, root, 3, {2}, dt))) << "root " << root;
+    }
+  }
+}
+
+void body_barrier_and_split(Communicator& c) {
+  const int n = c.size(), me = c.rank();
+  for (int i = 0; i < 3; ++i) c.barrier();
+  // Two colors, members ordered by descending rank (key = -rank).
+  auto sub = c.split(me % 2, -me);
+  int members = (n + 1 - me % 2) / 2;
+  ASSERT_EQ(sub->size(), members);
+  int above = 0;
+  for (int r = me + 2; r < n; r += 2) ++above;
+  EXPECT_EQ(sub->rank(), above);
+  torch::Tensor t = torch::full({1}, me, torch::kInt64);
+  sub->all_reduce(t, ReduceOp::Sum);
+  int64_t expect = 0;
+  for (int r = me % 2; r < n; r += 2) expect += r;
+  EXPECT_EQ(t.item<int64_t>(), expect);
+  // Nested split and a collective on the parent afterwards still line up.
+  auto solo = sub->split(sub->rank(), 0);
+  EXPECT_EQ(solo->size(), 1);
+  c.barrier();
+}
+
+void body_argument_checks(Communicator& c) {
+  const int n = c.size();
+  std::vector<int64_t> ones(n, 1);
+  torch::Tensor x = torch::zeros({n, 4});
+  EXPECT_THROW(c.all_to_all_v(torch::zeros({n, 8}).slice(1, 0, 8, 2), ones, ones), ShapeError);  // strided
+  EXPECT_THROW(c.all_to_all_v(x, std::vector<int64_t>(n + 1, 0), ones), ShapeError);
+  std::vector<int64_t> too_many(n, 2);
+  try {
+    c.all_to_all_v(x, too_many, ones);
+    ADD_FAILURE() << "no ShapeError";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("send_rows"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(std::to_string(n) + " rows"), std::string::npos) << e.what();
+  }
+  std::vector<int64_t> negative(n, 1);
+  negative[0] = -1;
+  EXPECT_THROW(c.all_to_all_v(x, ones, negative), ShapeError);
+  if (n > 1) {
+    EXPECT_THROW(c.all_to_all(torch::zeros({n * 2 + 1, 3})), ShapeError);
+  }
+  EXPECT_THROW(c.all_to_all(torch::zeros({n}, torch::kBool)), ShapeError);
+  torch::Tensor y = torch::zeros({2});
+  EXPECT_THROW(c.broadcast(y, n), ShapeError);
+  torch::Tensor expanded = y.expand({3, 2});
+  EXPECT_THROW(c.all_reduce(expanded, ReduceOp::Sum), ShapeError);
+  torch::Tensor undefined;
+  EXPECT_THROW(c.all_gather(undefined), ShapeError);
+  c.barrier();  // nothing above was sent: the ranks are still in step
+}
+
+void body_consistency(Communicator& c) {
+  EXPECT_NO_THROW(check_world_consistency(c, 0x1234));
+  if (c.size() < 2) return;
+  try {
+    check_world_consistency(c, c.rank() == 1 ? 0x9999 : 0x1234);
+    ADD_FAILURE() << "no CommError";
+  } catch (const CommError& e) {
+    std::string what = e.what();
+    std::string named = c.rank() == 1 ? "rank 0 has config hash" : "rank 1 has config hash";
+    EXPECT_NE(what.find(named), std::string::npos) << what;
+  }
+}
+
+using Body = void (*)(Communicator&);
+const std::vector<std::pair<const char*, Body>> kBodies = {
+    {"AllToAll", body_all_to_all},         {"AllToAllV", body_all_to_all_v}, {"AllReduce", body_all_reduce},
+    {"AllGather", body_all_gather},        {"Broadcast", body_broadcast},    {"BarrierSplit", body_barrier_and_split},
+    {"ArgumentChecks", body_argument_checks}, {"Consistency", body_consistency},
+};
+
+}  // namespace
+
+// ---- ThreadComm: world 1..4 -------------------------------------------------------
+
+class ThreadConformance : public testing::TestWithParam<int> {};
+
+#define MOE_THREAD_CONFORMANCE(Name, body) \
+  TEST_P(ThreadConformance, Name) { run_ranks(GetParam(), 20.0, body); }
+MOE_THREAD_CONFORMANCE(AllToAll, body_all_to_all)
+MOE_THREAD_CONFORMANCE(AllToAllV, body_all_to_all_v)
+MOE_THREAD_CONFORMANCE(AllReduce, body_all_reduce)
+MOE_THREAD_CONFORMANCE(AllGather, body_all_gather)
+MOE_THREAD_CONFORMANCE(Broadcast, body_broadcast)
+MOE_THREAD_CONFORMANCE(BarrierSplit, body_barrier_and_split)
+MOE_THREAD_CONFORMANCE(ArgumentChecks, body_argument_checks)
+MOE_THREAD_CONFORMANCE(Consistency, body_consistency)
+INSTANTIATE_TEST_SUITE_P(World, ThreadConformance, testing::Values(1, 2, 3, 4),
+                         [](const testing::TestParamInfo<int>& i) { return "w" + std::to_string(i.param); });
+
+// ---- ProcessMesh ----------------------------------------------------------------
+
+struct MeshCase {
+  int world, ep, dp;
+};
+class MeshLayout : public testing::TestWithParam<MeshCase> {};
+
+TEST_P(MeshLayout, GroupsFollowTheDocumentedRankOrder) {
+  const MeshCase mc = GetParam();
+  run_ranks(mc.world, 20.0, [&](Communicator& world) {
+    ProcessMesh mesh(world, mc.ep, mc.dp);
+    const int r = world.rank();
+    EXPECT_EQ(mesh.ep_rank(), r % mc.ep);
+    EXPECT_EQ(mesh.dp_rank(), r / mc.ep);
+    EXPECT_EQ(ProcessMesh::world_rank_of(mesh.ep_rank(), mesh.dp_rank(), mc.ep), r);
+    EXPECT_EQ(mesh.ep_group().size(), mc.ep);
+    EXPECT_EQ(mesh.ep_group().rank(), mesh.ep_rank());
+    EXPECT_EQ(mesh.expert_dp_group().size(), mc.dp);
+    EXPECT_EQ(mesh.expert_dp_group().rank(), mesh.dp_rank());
+    // Who is in my groups: gather world ranks.
+    torch::Tensor me = torch::full({1}, r, torch::kInt64);
+    torch::Tensor ep_members = mesh.ep_group().all_gather(me);
+    for (int e = 0; e < mc.ep; ++e) EXPECT_EQ(ep_members[e].item<int64_t>(), mesh.dp_rank() * mc.ep + e);
+    torch::Tensor dp_members = mesh.expert_dp_group().all_gather(me);
+    for (int d = 0; d < mc.dp; ++d) EXPECT_EQ(dp_members[d].item<int64_t>(), d * mc.ep + mesh.ep_rank());
+  });
+}
+INSTANTIATE_TEST_SUITE_P(Layouts, MeshLayout,
+                         testing::Values(MeshCase{4, 4, 1}, MeshCase{4, 2, 2}, MeshCase{4, 1, 4}, MeshCase{8, 8, 1},
+                                         MeshCase{8, 4, 2}, MeshCase{8, 2, 4}),
+                         [](const testing::TestParamInfo<MeshCase>& i) {
+                           return "w" + std::to_string(i.param.world) + "_ep" + std::to_string(i.param.ep) + "_dp" +
+                                  std::to_string(i.param.dp);
+                         });
+
+TEST(MeshLayoutErrors, WrongProductIsConfigError) {
+  run_ranks(2, 10.0, [](Communicator& world) { EXPECT_THROW(ProcessMesh(world, 4, 1), ConfigError); });
+}
+
+// ---- faults under ThreadComm ---------------------------------------------------------
+
+namespace {
+// Runs `body` on n ranks; returns each rank's CommError message ("" if none).
+std::vector<std::string> comm_errors(int n, double timeout, const std::function<void(Communicator&)>& body) {
+  std::vector<std::string> errors(n);
+  try {
+    run_ranks(n, timeout, [&](Communicator& c) {
+      try {
+        body(c);
+      } catch (const CommError& e) {
+        errors[c.rank()] = e.what();
+        throw;
+      }
+    });
+  } catch (const std::exception&) {
+  }
+  return errors;
+}
+void expect_contains(const std::string& s, const std::string& needle) {
+  EXPECT_NE(s.find(needle), std::string::npos) << "'" << needle << "' not in: '" << s << "'";
+}
+}  // namespace
+
+TEST(ThreadFaults, RankThatThrowsIsNamedOnEveryOtherRank) {
+  std::vector<std::string> errors(3);
+  try {
+    run_ranks(3, 10.0, [&](Communicator& c) {
+      if (c.rank() == 1) throw DataError("corrupt shard");
+      try {
+        torch::Tensor t = torch::ones({4});
+        c.all_reduce(t);
+      } catch (const CommError& e) {
+        errors[c.rank()] = e.what();
+        throw;
+      }
+    });
+    FAIL() << "run_ranks did not rethrow";
+  } catch (const DataError& e) {
+    expect_contains(e.what(), "corrupt shard");  // the root cause is what propagates
+  }
+  for (int r : {0, 2}) {
+    expect_contains(errors[r], "rank 1 failed");
+    expect_contains(errors[r], "corrupt shard");
+  }
+}
+
+TEST(ThreadFaults, StalledRankTimesOutNamingIt) {
+  auto errors = comm_errors(3, 0.5, [](Communicator& c) {
+    if (c.rank() == 2) std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    std::vector<int64_t> ones(3, 1);
+    c.all_to_all_v(torch::zeros({3, 2}), ones, ones);
+  });
+  for (int r : {0, 1}) {
+    expect_contains(errors[r], "rank 2 did not reach all_to_all_v");
+    expect_contains(errors[r], "within 0.5 s");
+  }
+  expect_contains(errors[2], "aborted");  // the late rank learns of it when it arrives
+}
+
+TEST(ThreadFaults, WrongSizeIsNamedWithBothCounts) {
+  auto errors = comm_errors(2, 5.0, [](Communicator& c) {
+    // rank 0 sends 5 rows to rank 1; rank 1 expects 4.
+    std::vector<int64_t> send = c.rank() == 0 ? std::vector<int64_t>{1, 5} : std::vector<int64_t>{1, 1};
+    std::vector<int64_t> recv = c.rank() == 0 ? std::vector<int64_t>{1, 1} : std::vector<int64_t>{4, 1};
+    int64_t rows = send[0] + send[1];
+    c.all_to_all_v(torch::zeros({rows, 3}), send, recv);
+  });
+  expect_contains(errors[1], "rank 0 sent 5 rows");
+  expect_contains(errors[1], "which expected 4");
+  expect_contains(errors[0], "rank 0 sent 5 rows");  // the other side learns the same cause
+}
+
+TEST(ThreadFaults, WrongShapeInAllReduce) {
+  auto errors = comm_errors(2, 5.0, [](Communicator& c) {
+    torch::Tensor t = torch::zeros({4, c.rank() == 0 ? 8 : 16});
+    c.all_reduce(t);
+  });
+  for (const auto& e : errors) expect_contains(e, "sent shape [4, ");
+}
+
+TEST(ThreadFaults, DifferentCollectivesAreNamed) {
+  auto errors = comm_errors(2, 5.0, [](Communicator& c) {
+    if (c.rank() == 0) {
+      torch::Tensor t = torch::zeros({2});
+      c.all_reduce(t);
+    } else {
+      c.barrier();
+    }
+  });
+  for (const auto& e : errors) {
+    expect_contains(e, "called all_reduce");
+    expect_contains(e, "called barrier");
+  }
+}
+
+TEST(ThreadFaults, RankThatReturnsEarlyFailsPeersAtOnce) {
+  auto errors = comm_errors(2, 30.0, [](Communicator& c) {
+    if (c.rank() == 1) return;  // leaves without the collective
+    c.barrier();
+  });
+  expect_contains(errors[0], "rank 1 returned without reaching barrier");
+}
+
+// ---- MPI: the same bodies under mpirun --------------------------------------------------
+
+#if MOE_HAVE_MPI
+namespace {
+MpiComm& mpi_world() {
+  static std::unique_ptr<MpiComm> world = [] {
+    auto w = MpiComm::world(30.0);
+    set_current_rank(w->rank());
+    return w;
+  }();
+  return *world;
+}
+#define MOE_REQUIRE_MPIRUN() \
+  if (!MpiComm::launched_by_mpirun()) GTEST_SKIP() << "run under mpirun (ctest does)"
+}  // namespace
+
+#define MOE_MPI_CONFORMANCE(Name, body) \
+  TEST(MpiConformance, Name) {          \
+    MOE_REQUIRE_MPIRUN();               \
+    body(mpi_world());                  \
+    mpi_world().barrier();              \
+  }
+MOE_MPI_CONFORMANCE(AllToAll, body_all_to_all)
+MOE_MPI_CONFORMANCE(AllToAllV, body_all_to_all_v)
+MOE_MPI_CONFORMANCE(AllReduce, body_all_reduce)
+MOE_MPI_CONFORMANCE(AllGather, body_all_gather)
+MOE_MPI_CONFORMANCE(Broadcast, body_broadcast)
+MOE_MPI_CONFORMANCE(BarrierSplit, body_barrier_and_split)
+MOE_MPI_CONFORMANCE(ArgumentChecks, body_argument_checks)
+MOE_MPI_CONFORMANCE(Consistency, body_consistency)
+
+TEST(MpiConformance, Mesh) {
+  MOE_REQUIRE_MPIRUN();
+  MpiComm& world = mpi_world();
+  for (int ep = 1; ep <= world.size(); ++ep) {
+    if (world.size() % ep) continue;
+    ProcessMesh mesh(world, ep, world.size() / ep);
+    torch::Tensor me = torch::full({1}, world.rank(), torch::kInt64);
+    torch::Tensor members = mesh.ep_group().all_gather(me);
+    for (int e = 0; e < ep; ++e) EXPECT_EQ(members[e].item<int64_t>(), mesh.dp_rank() * ep + e);
+  }
+}
+
+// Fault scenarios: run by ctest as `mpirun -np 2 comm_tests --gtest_filter=MpiFault.X`
+// with MOE_FAULT_SCENARIO=1; the detecting rank prints FAULT-DETECTED and the
+// job is aborted, so mpirun exits non-zero (what a user's job does).
+namespace {
+[[noreturn]] void report_and_abort(const std::string& what) {
+  std::fprintf(stderr, "FAULT-DETECTED %s\n", what.c_str());
+  std::fflush(stderr);
+  MpiComm::abort_job(kExitComm);
+}
+#define MOE_REQUIRE_FAULT_SCENARIO()                 \
+  MOE_REQUIRE_MPIRUN();                              \
+  if (!std::getenv("MOE_FAULT_SCENARIO")) GTEST_SKIP() << "fault scenario: run by ctest with MOE_FAULT_SCENARIO=1"
+}  // namespace
+
+TEST(MpiFault, StalledRankIsNamed) {
+  MOE_REQUIRE_FAULT_SCENARIO();
+  MpiComm& c = mpi_world();
+  c.set_timeout_s(1.0);
+  c.barrier();
+  if (c.rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(20));
+  std::vector<int64_t> ones(c.size(), 1);
+  try {
+    c.all_to_all_v(torch::zeros({c.size(), 2}), ones, ones);
+  } catch (const CommError& e) {
+    report_and_abort(e.what());
+  }
+}
+
+TEST(MpiFault, WrongSizeIsNamed) {
+  MOE_REQUIRE_FAULT_SCENARIO();
+  MpiComm& c = mpi_world();
+  c.set_timeout_s(5.0);
+  std::vector<int64_t> send(c.size(), 1), recv(c.size(), 1);
+  if (c.rank() == 0) send[1] = 3;  // rank 1 expects 1 row from rank 0
+  int64_t rows = 0;
+  for (auto s : send) rows += s;
+  try {
+    c.all_to_all_v(torch::zeros({rows, 2}), send, recv);
+  } catch (const CommError& e) {
+    report_and_abort(e.what());
+  }
+}
+
+TEST(MpiFault, RankThatExitsFailsTheJob) {
+  MOE_REQUIRE_FAULT_SCENARIO();
+  MpiComm& c = mpi_world();
+  c.set_timeout_s(5.0);
+  c.barrier();
+  if (c.rank() == 1) std::_Exit(7);  // dies mid-run without MPI_Finalize
+  torch::Tensor t = torch::ones({4});
+  try {
+    c.all_reduce(t);
+    c.barrier();
+  } catch (const CommError& e) {
+    report_and_abort(e.what());
+  }
+}
+#endif
+
+int main(int argc, char** argv) {
+  testing::InitGoogleTest(&argc, argv);
+  int rc = RUN_ALL_TESTS();
+#if MOE_HAVE_MPI
+  MpiComm::finalize();
+#endif
+  return rc;
+}
