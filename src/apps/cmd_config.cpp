@@ -44,7 +44,6 @@ int run_config(const ConfigArgs& args) {
 }
 
 int run_train(const TrainArgs&) { return not_implemented("train"); }
-int run_bench(const BenchArgs& args) { return not_implemented("bench " + args.what); }
 int run_sweep(const SweepArgs&) { return not_implemented("sweep"); }
 int run_ckpt(const CkptArgs& args) { return not_implemented("ckpt " + args.action); }
 

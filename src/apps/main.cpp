@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "moe/apps/commands.h"
+#include "moe/comm/launch.h"
 #include "moe/core/error.h"
 
 namespace {
@@ -88,7 +89,7 @@ int main(int argc, char** argv) {
     return kExitBadInput;
   }
 
-  try {
+  auto dispatch = [&]() -> int {
     if (*train_cmd) {
       split_config_and_overrides(train_pos, &train.config_path, &train.overrides);
       return apps::run_train(train);
@@ -104,11 +105,20 @@ int main(int argc, char** argv) {
       return apps::run_config(config);
     }
     if (*ckpt_cmd) return apps::run_ckpt(ckpt);
+    return kExitOther;
+  };
+
+  int code = kExitOther;
+  try {
+    code = dispatch();
   } catch (const std::exception& e) {
     std::string line;
-    int code = describe_exception(e, &line);
-    std::cerr << line << "\n";
+    code = describe_exception(e, &line);
+    std::cerr << line << std::endl;
+    // In a multi-process job, take the other ranks down instead of leaving them to time out.
+    comm::abort_backends(code);
     return code;
   }
-  return kExitOther;
+  comm::finalize_backends();
+  return code;
 }

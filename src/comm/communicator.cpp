@@ -90,11 +90,19 @@ torch::Tensor Communicator::all_to_all(const torch::Tensor& input) {
               "all_to_all: input dim 0 = " << input.size(0) << " (shape " << shape_str(input)
                                            << ") is not divisible by the world size " << size());
   std::vector<int64_t> rows(size(), input.size(0) / size());
-  return do_all_to_all_v(input, rows, rows, "all_to_all");
+  torch::Tensor out = make_output(input, rows);
+  do_all_to_all_v(input, rows, rows, out, "all_to_all");
+  return out;
+}
+
+torch::Tensor Communicator::make_output(const torch::Tensor& input, const std::vector<int64_t>& recv_rows) {
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape[0] = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
+  return torch::empty(shape, input.options());
 }
 
 torch::Tensor Communicator::all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                                         const std::vector<int64_t>& recv_rows) {
+                                         const std::vector<int64_t>& recv_rows, torch::Tensor out) {
   check_tensor(*this, input, "all_to_all_v", "input");
   check_device(input, "all_to_all_v", "input");
   check_counts(*this, send_rows, "all_to_all_v", "send_rows");
@@ -104,14 +112,29 @@ torch::Tensor Communicator::all_to_all_v(const torch::Tensor& input, const std::
               "all_to_all_v: send_rows " << counts_str(send_rows) << " add up to " << total
                                          << " but input has " << input.size(0) << " rows (shape "
                                          << shape_str(input) << ")");
-  return do_all_to_all_v(input, send_rows, recv_rows, "all_to_all_v");
+  if (out.defined()) {
+    check_tensor(*this, out, "all_to_all_v", "out");
+    check_device(out, "all_to_all_v", "out");
+    std::vector<int64_t> want = input.sizes().vec();
+    want[0] = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
+    MOE_CHECK_T(ShapeError, out.sizes().vec() == want && out.scalar_type() == input.scalar_type(),
+                "all_to_all_v: out has shape " << shape_str(out) << " " << out.scalar_type() << " but recv_rows "
+                                               << counts_str(recv_rows) << " and input " << shape_str(input) << " "
+                                               << input.scalar_type() << " need [" << want[0] << ", ...] of "
+                                               << input.scalar_type());
+  } else {
+    out = make_output(input, recv_rows);
+  }
+  do_all_to_all_v(input, send_rows, recv_rows, out, "all_to_all_v");
+  return out;
 }
 
 std::vector<int64_t> Communicator::exchange_counts(const std::vector<int64_t>& send_rows) {
   check_counts(*this, send_rows, "exchange_counts", "send_rows");
   auto sent = torch::tensor(send_rows, torch::kInt64);
   std::vector<int64_t> ones(size(), 1);
-  auto got = do_all_to_all_v(sent, ones, ones, "exchange_counts");
+  auto got = make_output(sent, ones);
+  do_all_to_all_v(sent, ones, ones, got, "exchange_counts");
   return std::vector<int64_t>(got.data_ptr<int64_t>(), got.data_ptr<int64_t>() + size());
 }
 

@@ -6,6 +6,8 @@
 #include "moe/core/error.h"
 #include "moe/core/log.h"
 #if MOE_HAVE_MPI
+#include <mpi.h>
+
 #include "moe/comm/mpi_comm.h"
 #endif
 #if MOE_HAVE_NCCL
@@ -42,6 +44,23 @@ int launcher_world_size(const std::string& backend, int thread_ranks) {
   for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
     if (const char* v = std::getenv(var)) return std::atoi(v);
   return 1;
+}
+
+void finalize_backends() {
+#if MOE_HAVE_MPI
+  MpiComm::finalize();
+#endif
+}
+
+void abort_backends(int code) {
+#if MOE_HAVE_MPI
+  if (under_mpirun()) {
+    int initialised = 0;
+    MPI_Initialized(&initialised);
+    if (initialised) MpiComm::abort_job(code);
+  }
+#endif
+  (void)code;
 }
 
 void run_on_world(const std::string& backend, int thread_ranks, double timeout_s,

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <sstream>
 #include <thread>
 
@@ -45,13 +46,20 @@ MPI_Datatype mpi_type(c10::ScalarType t) {
 }
 
 // A contiguous datatype of one row, so counts are rows (no 2 GiB byte limit).
+// Cached per row size: the MoE layer exchanges the same row size every step.
 struct RowType {
   MPI_Datatype type = MPI_DATATYPE_NULL;
   explicit RowType(int64_t bytes) {
-    MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, &type);
-    MPI_Type_commit(&type);
+    static std::map<int64_t, MPI_Datatype> cache;  // calls are serialised per process (MPI_THREAD_SERIALIZED)
+    auto it = cache.find(bytes);
+    if (it == cache.end()) {
+      MPI_Datatype t;
+      MPI_Type_contiguous(static_cast<int>(bytes), MPI_BYTE, &t);
+      MPI_Type_commit(&t);
+      it = cache.emplace(bytes, t).first;
+    }
+    type = it->second;
   }
-  ~RowType() { MPI_Type_free(&type); }
 };
 
 constexpr int kTagSpace = 1 << 20;  // tags cycle through this many collectives
@@ -145,18 +153,13 @@ void MpiComm::wait_collective(void* request_ptr, const char* op, uint64_t seq) {
   }
 }
 
-torch::Tensor MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                                       const std::vector<int64_t>& recv_rows, const char* op) {
+void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
+                              const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) {
   if (g_broken) MOE_THROW(CommError, op << " refused: an earlier collective failed on this rank");
   const uint64_t seq = ++seq_;
   const int tag = static_cast<int>(seq % kTagSpace);
   const int64_t rb = row_bytes(input);
-  int64_t total = 0;
-  for (auto r : recv_rows) total += r;
-  std::vector<int64_t> out_shape = input.sizes().vec();
-  out_shape[0] = total;
-  torch::Tensor out = torch::empty(out_shape, input.options());
-  if (rb == 0) return out;
+  if (rb == 0) return;
   MPI_Comm comm = as_comm_c(comm_);
   RowType row(rb);
   std::vector<int64_t> send_off(size_ + 1, 0), recv_off(size_ + 1, 0);
@@ -166,16 +169,21 @@ torch::Tensor MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::ve
   }
   const char* src = static_cast<const char*>(input.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  // Receives carry room for one extra row: a peer that sends more than
-  // expected is then caught by the count check instead of MPI truncation.
+  if (send_rows[rank_] != recv_rows[rank_]) {
+    std::ostringstream why;
+    why << "rank " << world_rank_ << " sends itself " << send_rows[rank_] << " rows but expects "
+        << recv_rows[rank_] << " (" << op << " #" << seq << ")";
+    fail(why.str());
+  }
+  // One message per peer, received in place. A peer that sends more rows
+  // than expected shows as MPI_ERR_TRUNCATE, fewer as a short count.
   std::vector<MPI_Request> reqs;
   std::vector<int> req_peer;  // >= 0: receive from peer; < 0: send to -(peer+1)
-  std::vector<torch::Tensor> overflow(size_);
+  reqs.reserve(2 * size_);
   for (int k = 1; k < size_; ++k) {
     int peer = (rank_ - k + size_) % size_;
-    overflow[peer] = torch::empty({(recv_rows[peer] + 1) * rb}, torch::kUInt8);
     MPI_Request r;
-    MPI_Irecv(overflow[peer].data_ptr(), static_cast<int>(recv_rows[peer] + 1), row.type, peer, tag, comm, &r);
+    MPI_Irecv(dst + recv_off[peer] * rb, static_cast<int>(recv_rows[peer]), row.type, peer, tag, comm, &r);
     reqs.push_back(r);
     req_peer.push_back(peer);
   }
@@ -185,12 +193,6 @@ torch::Tensor MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::ve
     MPI_Isend(src + send_off[peer] * rb, static_cast<int>(send_rows[peer]), row.type, peer, tag, comm, &r);
     reqs.push_back(r);
     req_peer.push_back(-(peer + 1));
-  }
-  if (send_rows[rank_] != recv_rows[rank_]) {
-    std::ostringstream why;
-    why << "rank " << world_rank_ << " sends itself " << send_rows[rank_] << " rows but expects "
-        << recv_rows[rank_] << " (" << op << " #" << seq << ")";
-    fail(why.str());
   }
   if (send_rows[rank_] > 0) std::memcpy(dst + recv_off[rank_] * rb, src + send_off[rank_] * rb, send_rows[rank_] * rb);
 
@@ -207,24 +209,40 @@ torch::Tensor MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::ve
       why << op << " #" << seq << " failed on rank " << world_rank_ << ": " << mpi_error_string(rc);
       fail(why.str());
     }
-    for (int i = 0; outcount != MPI_UNDEFINED && i < outcount; ++i) {
+    if (outcount == MPI_UNDEFINED) break;
+    for (int i = 0; i < outcount; ++i) {
       int idx = indices[i];
       done[idx] = true;
       --remaining;
       int peer = req_peer[idx];
-      if (peer < 0) continue;
+      int err = rc == MPI_ERR_IN_STATUS ? statuses[i].MPI_ERROR : MPI_SUCCESS;
+      int err_class = MPI_SUCCESS;
+      if (err != MPI_SUCCESS) MPI_Error_class(err, &err_class);
+      if (peer < 0) {
+        if (err != MPI_SUCCESS) {
+          std::ostringstream why;
+          why << "sending " << op << " #" << seq << " data from rank " << world_rank_ << " to rank " << (-peer - 1)
+              << " failed: " << mpi_error_string(err);
+          fail(why.str());
+        }
+        continue;
+      }
       int got = 0;
-      MPI_Get_count(&statuses[i], row.type, &got);
-      if (got != recv_rows[peer]) {
+      if (err == MPI_SUCCESS) MPI_Get_count(&statuses[i], row.type, &got);
+      if (err_class == MPI_ERR_TRUNCATE || (err == MPI_SUCCESS && got != recv_rows[peer])) {
         std::ostringstream why;
-        why << "rank " << peer << " sent " << (got > recv_rows[peer] ? "more than " + std::to_string(recv_rows[peer]) : std::to_string(got))
+        why << "rank " << peer << " sent "
+            << (err_class == MPI_ERR_TRUNCATE ? "more than " + std::to_string(recv_rows[peer]) : std::to_string(got))
             << " rows to rank " << world_rank_ << ", which expected " << recv_rows[peer] << " (" << op << " #" << seq
             << ")";
         fail(why.str());
       }
-      if (got > 0) std::memcpy(dst + recv_off[peer] * rb, overflow[peer].data_ptr(), got * rb);
+      if (err != MPI_SUCCESS) {
+        std::ostringstream why;
+        why << "receiving " << op << " #" << seq << " data from rank " << peer << " failed: " << mpi_error_string(err);
+        fail(why.str());
+      }
     }
-    if (outcount == MPI_UNDEFINED) break;
     if (remaining > 0 && (spins & 255) == 255) {
       if (Clock::now() > deadline) {
         std::ostringstream why;
@@ -235,14 +253,13 @@ torch::Tensor MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::ve
           first = false;
         }
         if (first) why << "peers";
-        why << " did not send " << op << " #" << seq << " data to rank " << world_rank_ << " within " << timeout_s_
-            << " s (stalled, dead, or in a different collective)";
+        why << " did not " << (first ? "take " : "send ") << op << " #" << seq << " data " << (first ? "from" : "to")
+            << " rank " << world_rank_ << " within " << timeout_s_ << " s (stalled, dead, or in a different collective)";
         fail(why.str());
       }
       std::this_thread::yield();
     }
   }
-  return out;
 }
 
 void MpiComm::raw_alltoallv(const torch::Tensor& input, torch::Tensor& output, const std::vector<int64_t>& send_rows,

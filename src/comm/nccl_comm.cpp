@@ -161,8 +161,8 @@ void NcclComm::wait(const char* op, uint64_t seq) {
   cudaEventDestroy(done);
 }
 
-torch::Tensor NcclComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                                        const std::vector<int64_t>& recv_rows, const char* op) {
+void NcclComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
+                               const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) {
   MOE_CHECK_T(CommError, !aborted_, op << " refused: this NCCL communicator was aborted");
   const uint64_t seq = ++seq_;
   const int64_t rb = row_bytes(input);
@@ -188,11 +188,6 @@ torch::Tensor NcclComm::do_all_to_all_v(const torch::Tensor& input, const std::v
         fail(why.str());
       }
   }
-  int64_t total = 0;
-  for (auto r : recv_rows) total += r;
-  std::vector<int64_t> shape = input.sizes().vec();
-  shape[0] = total;
-  torch::Tensor out = torch::empty(shape, input.options());
   const char* src = static_cast<const char*>(input.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   int64_t soff = 0, roff = 0;
@@ -207,7 +202,6 @@ torch::Tensor NcclComm::do_all_to_all_v(const torch::Tensor& input, const std::v
   }
   MOE_NCCL_CALL(ncclGroupEnd(), op);
   wait(op, seq);
-  return out;
 }
 
 void NcclComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {

@@ -172,8 +172,8 @@ void ThreadComm::depart(uint64_t seq, const char* op) {
   }
 }
 
-torch::Tensor ThreadComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                                          const std::vector<int64_t>& recv_rows, const char* op) {
+void ThreadComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
+                                 const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) {
   Post post;
   post.op = op;
   post.tensor = input;
@@ -183,11 +183,6 @@ torch::Tensor ThreadComm::do_all_to_all_v(const torch::Tensor& input, const std:
 
   const int n = size();
   const int64_t rb = row_bytes(input);
-  int64_t total = 0;
-  for (auto r : recv_rows) total += r;
-  std::vector<int64_t> out_shape = input.sizes().vec();
-  out_shape[0] = total;
-  torch::Tensor out = torch::empty(out_shape, input.options());
   auto* dst = static_cast<char*>(out.data_ptr());
   for (int src = 0; src < n; ++src) {
     const Post* p = group_->slots[src].post;
@@ -206,7 +201,6 @@ torch::Tensor ThreadComm::do_all_to_all_v(const torch::Tensor& input, const std:
     dst += sent * rb;
   }
   depart(seq, op);
-  return out;
 }
 
 void ThreadComm::do_all_reduce(torch::Tensor& tensor, ReduceOp reduce) {

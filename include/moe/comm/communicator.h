@@ -34,8 +34,11 @@ class Communicator {
   torch::Tensor all_to_all(const torch::Tensor& input);
   // Per-peer row counts: send_rows[i] rows (in order) go to peer i;
   // recv_rows[j] rows are expected from peer j. Zero rows are allowed.
+  // `out`, when given, receives the rows (contiguous, [sum(recv_rows), ...]
+  // with input's trailing shape and dtype) and is returned; otherwise a new
+  // tensor is allocated.
   torch::Tensor all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                             const std::vector<int64_t>& recv_rows);
+                             const std::vector<int64_t>& recv_rows, torch::Tensor out = {});
   // Control plane: every rank's send counts -> this rank's receive counts.
   std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send_rows);
   // In place over all ranks. Results are bitwise identical on every rank.
@@ -53,8 +56,11 @@ class Communicator {
   virtual void abort(const std::string& reason) = 0;
 
  protected:
-  virtual torch::Tensor do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                                        const std::vector<int64_t>& recv_rows, const char* op) = 0;
+  // `out` is allocated and checked by the caller.
+  virtual void do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
+                               const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) = 0;
+  // A new output tensor for all_to_all_v.
+  static torch::Tensor make_output(const torch::Tensor& input, const std::vector<int64_t>& recv_rows);
   virtual void do_all_reduce(torch::Tensor& tensor, ReduceOp op) = 0;
   virtual torch::Tensor do_all_gather(const torch::Tensor& tensor) = 0;
   virtual void do_broadcast(torch::Tensor& tensor, int root) = 0;

@@ -18,6 +18,12 @@ std::string resolve_backend(const std::string& requested);
 void run_on_world(const std::string& backend, int thread_ranks, double timeout_s,
                   const std::function<void(Communicator&)>& fn);
 
+// At program exit: finalises MPI when it was used and nothing failed.
+void finalize_backends();
+// After a fatal error in a multi-process job: terminates every process of
+// the job (MPI_Abort) so no peer hangs; a no-op when MPI was not used.
+void abort_backends(int code);
+
 // World size the launcher provides (mpirun's -np, else `thread_ranks`).
 int launcher_world_size(const std::string& backend, int thread_ranks);
 

@@ -41,8 +41,8 @@ class ThreadComm : public Communicator {
   ~ThreadComm() override;
 
  protected:
-  torch::Tensor do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                                const std::vector<int64_t>& recv_rows, const char* op) override;
+  void do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
+                       const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) override;
   void do_all_reduce(torch::Tensor& tensor, ReduceOp op) override;
   torch::Tensor do_all_gather(const torch::Tensor& tensor) override;
   void do_broadcast(torch::Tensor& tensor, int root) override;

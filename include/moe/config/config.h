@@ -82,7 +82,7 @@ struct DataConfig {
 
 struct BenchConfig {
   int64_t warmup = 3;
-  int64_t reps = 10;
+  int64_t reps = 20;
   int64_t tokens = 4096;
   std::vector<int64_t> sizes_kib = {1, 4, 16, 64, 256, 1024, 4096, 16384};
   std::string dtype = "float32";

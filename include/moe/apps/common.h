@@ -1,0 +1,19 @@
+// Helpers shared by the subcommands.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "moe/config/config.h"
+
+namespace moe::apps {
+
+// CONFIG may be empty (defaults); overrides apply either way.
+Config load_config_or_defaults(const std::string& path, const std::vector<std::string>& overrides);
+
+// Thread ranks for the thread backend: --ranks N, else parallel.ranks, else 1.
+int thread_ranks(int flag_ranks, const Config& cfg);
+
+// Median of a non-empty list.
+double median(std::vector<double> v);
+
+}  // namespace moe::apps

@@ -1,0 +1,30 @@
+#include "moe/apps/common.h"
+
+#include <algorithm>
+
+#include "moe/core/error.h"
+
+namespace moe::apps {
+
+Config load_config_or_defaults(const std::string& path, const std::vector<std::string>& overrides) {
+  return path.empty() ? default_config(overrides) : load_config(path, overrides);
+}
+
+int thread_ranks(int flag_ranks, const Config& cfg) {
+  if (flag_ranks > 0) {
+    if (cfg.parallel.ranks > 0 && cfg.parallel.ranks != flag_ranks)
+      MOE_THROW(ConfigError, "--ranks " << flag_ranks << " disagrees with parallel.ranks = " << cfg.parallel.ranks
+                                        << " (drop one, or set parallel.ranks=0)");
+    return flag_ranks;
+  }
+  return cfg.parallel.ranks > 0 ? static_cast<int>(cfg.parallel.ranks) : 1;
+}
+
+double median(std::vector<double> v) {
+  MOE_CHECK(!v.empty(), "median of an empty list");
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace moe::apps
