@@ -25,9 +25,12 @@ namespace {
 const std::vector<c10::ScalarType> kDtypes = {torch::kFloat32, torch::kBFloat16, torch::kInt64};
 
 // Small integers, exact in every dtype tested (bfloat16 is exact to 256).
-double code(int src, int dst, int64_t row, int64_t col) { return src * 16 + dst * 4 + (row % 4) + col % 2; }
+double code(int src, int dst, int64_t row, int64_t col) {
+  return src * 16 + dst * 4 + (row % 4) + col % 2;
+}
 
-torch::Tensor block(int src, int dst, int64_t rows, std::vector<int64_t> trailing, c10::ScalarType dt) {
+torch::Tensor block(int src, int dst, int64_t rows, std::vector<int64_t> trailing,
+                    c10::ScalarType dt) {
   std::vector<int64_t> shape = {rows};
   shape.insert(shape.end(), trailing.begin(), trailing.end());
   torch::Tensor t = torch::empty(shape, torch::kFloat64);
@@ -55,7 +58,9 @@ void body_all_to_all(Communicator& c) {
   }
 }
 
-int64_t uneven_rows(int src, int dst) { return (src + 2 * dst) % 3; }  // includes zeros
+int64_t uneven_rows(int src, int dst) {
+  return (src + 2 * dst) % 3;
+}  // includes zeros
 
 void body_all_to_all_v(Communicator& c) {
   const int n = c.size(), me = c.rank();
@@ -74,7 +79,8 @@ void body_all_to_all_v(Communicator& c) {
     ASSERT_EQ(out.sizes(), torch::IntArrayRef({total, 2, 3}));
     int64_t off = 0;
     for (int src = 0; src < n; ++src) {
-      EXPECT_TRUE(torch::equal(out.slice(0, off, off + recv[src]), block(src, me, recv[src], {2, 3}, dt)))
+      EXPECT_TRUE(
+          torch::equal(out.slice(0, off, off + recv[src]), block(src, me, recv[src], {2, 3}, dt)))
           << "dtype " << dt << " from rank " << src;
       off += recv[src];
     }
@@ -91,19 +97,23 @@ void body_all_reduce(Communicator& c) {
   for (auto dt : kDtypes) {
     torch::Tensor t = torch::full({4, 3}, me + 1, torch::kFloat64).to(dt);
     c.all_reduce(t, ReduceOp::Sum);
-    EXPECT_TRUE(torch::equal(t, torch::full({4, 3}, n * (n + 1) / 2, torch::kFloat64).to(dt))) << dt;
+    EXPECT_TRUE(torch::equal(t, torch::full({4, 3}, n * (n + 1) / 2, torch::kFloat64).to(dt)))
+        << dt;
     t = torch::arange(12, torch::kFloat64).view({4, 3}).add(me).to(dt);
     c.all_reduce(t, ReduceOp::Max);
-    EXPECT_TRUE(torch::equal(t, torch::arange(12, torch::kFloat64).view({4, 3}).add(n - 1).to(dt))) << dt;
+    EXPECT_TRUE(torch::equal(t, torch::arange(12, torch::kFloat64).view({4, 3}).add(n - 1).to(dt)))
+        << dt;
     t = torch::full({5}, 2 * me, torch::kFloat64).to(dt);
     c.all_reduce(t, ReduceOp::Avg);
     EXPECT_TRUE(torch::equal(t, torch::full({5}, n - 1, torch::kFloat64).to(dt))) << dt;
   }
   // Same bits on every rank, even for sums that round.
-  torch::Tensor r = torch::rand({64}, torch::TensorOptions().dtype(torch::kFloat32)).mul(1e3 * (me + 1));
+  torch::Tensor r =
+      torch::rand({64}, torch::TensorOptions().dtype(torch::kFloat32)).mul(1e3 * (me + 1));
   c.all_reduce(r, ReduceOp::Sum);
   torch::Tensor all = c.all_gather(r.view({1, 64}));
-  for (int i = 1; i < n; ++i) EXPECT_TRUE(torch::equal(all[i], all[0])) << "rank " << i << " differs from rank 0";
+  for (int i = 1; i < n; ++i)
+    EXPECT_TRUE(torch::equal(all[i], all[0])) << "rank " << i << " differs from rank 0";
 }
 
 void body_all_gather(Communicator& c) {
@@ -153,7 +163,8 @@ void body_argument_checks(Communicator& c) {
   const int n = c.size();
   std::vector<int64_t> ones(n, 1);
   torch::Tensor x = torch::zeros({n, 4});
-  EXPECT_THROW(c.all_to_all_v(torch::zeros({n, 8}).slice(1, 0, 8, 2), ones, ones), ShapeError);  // strided
+  EXPECT_THROW(c.all_to_all_v(torch::zeros({n, 8}).slice(1, 0, 8, 2), ones, ones),
+               ShapeError);  // strided
   EXPECT_THROW(c.all_to_all_v(x, std::vector<int64_t>(n + 1, 0), ones), ShapeError);
   std::vector<int64_t> too_many(n, 2);
   try {
@@ -161,7 +172,8 @@ void body_argument_checks(Communicator& c) {
     ADD_FAILURE() << "no ShapeError";
   } catch (const ShapeError& e) {
     EXPECT_NE(std::string(e.what()).find("send_rows"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find(std::to_string(n) + " rows"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(std::to_string(n) + " rows"), std::string::npos)
+        << e.what();
   }
   std::vector<int64_t> negative(n, 1);
   negative[0] = -1;
@@ -194,9 +206,14 @@ void body_consistency(Communicator& c) {
 
 using Body = void (*)(Communicator&);
 const std::vector<std::pair<const char*, Body>> kBodies = {
-    {"AllToAll", body_all_to_all},         {"AllToAllV", body_all_to_all_v}, {"AllReduce", body_all_reduce},
-    {"AllGather", body_all_gather},        {"Broadcast", body_broadcast},    {"BarrierSplit", body_barrier_and_split},
-    {"ArgumentChecks", body_argument_checks}, {"Consistency", body_consistency},
+    {"AllToAll", body_all_to_all},
+    {"AllToAllV", body_all_to_all_v},
+    {"AllReduce", body_all_reduce},
+    {"AllGather", body_all_gather},
+    {"Broadcast", body_broadcast},
+    {"BarrierSplit", body_barrier_and_split},
+    {"ArgumentChecks", body_argument_checks},
+    {"Consistency", body_consistency},
 };
 
 }  // namespace
@@ -206,7 +223,9 @@ const std::vector<std::pair<const char*, Body>> kBodies = {
 class ThreadConformance : public testing::TestWithParam<int> {};
 
 #define MOE_THREAD_CONFORMANCE(Name, body) \
-  TEST_P(ThreadConformance, Name) { run_ranks(GetParam(), 20.0, body); }
+  TEST_P(ThreadConformance, Name) {        \
+    run_ranks(GetParam(), 20.0, body);     \
+  }
 MOE_THREAD_CONFORMANCE(AllToAll, body_all_to_all)
 MOE_THREAD_CONFORMANCE(AllToAllV, body_all_to_all_v)
 MOE_THREAD_CONFORMANCE(AllReduce, body_all_reduce)
@@ -216,7 +235,9 @@ MOE_THREAD_CONFORMANCE(BarrierSplit, body_barrier_and_split)
 MOE_THREAD_CONFORMANCE(ArgumentChecks, body_argument_checks)
 MOE_THREAD_CONFORMANCE(Consistency, body_consistency)
 INSTANTIATE_TEST_SUITE_P(World, ThreadConformance, testing::Values(1, 2, 3, 4),
-                         [](const testing::TestParamInfo<int>& i) { return "w" + std::to_string(i.param); });
+                         [](const testing::TestParamInfo<int>& i) {
+                           return "w" + std::to_string(i.param);
+                         });
 
 // ---- ProcessMesh ----------------------------------------------------------------
 
@@ -240,28 +261,32 @@ TEST_P(MeshLayout, GroupsFollowTheDocumentedRankOrder) {
     // Who is in my groups: gather world ranks.
     torch::Tensor me = torch::full({1}, r, torch::kInt64);
     torch::Tensor ep_members = mesh.ep_group().all_gather(me);
-    for (int e = 0; e < mc.ep; ++e) EXPECT_EQ(ep_members[e].item<int64_t>(), mesh.dp_rank() * mc.ep + e);
+    for (int e = 0; e < mc.ep; ++e)
+      EXPECT_EQ(ep_members[e].item<int64_t>(), mesh.dp_rank() * mc.ep + e);
     torch::Tensor dp_members = mesh.expert_dp_group().all_gather(me);
-    for (int d = 0; d < mc.dp; ++d) EXPECT_EQ(dp_members[d].item<int64_t>(), d * mc.ep + mesh.ep_rank());
+    for (int d = 0; d < mc.dp; ++d)
+      EXPECT_EQ(dp_members[d].item<int64_t>(), d * mc.ep + mesh.ep_rank());
   });
 }
 INSTANTIATE_TEST_SUITE_P(Layouts, MeshLayout,
-                         testing::Values(MeshCase{4, 4, 1}, MeshCase{4, 2, 2}, MeshCase{4, 1, 4}, MeshCase{8, 8, 1},
-                                         MeshCase{8, 4, 2}, MeshCase{8, 2, 4}),
+                         testing::Values(MeshCase{4, 4, 1}, MeshCase{4, 2, 2}, MeshCase{4, 1, 4},
+                                         MeshCase{8, 8, 1}, MeshCase{8, 4, 2}, MeshCase{8, 2, 4}),
                          [](const testing::TestParamInfo<MeshCase>& i) {
-                           return "w" + std::to_string(i.param.world) + "_ep" + std::to_string(i.param.ep) + "_dp" +
-                                  std::to_string(i.param.dp);
+                           return "w" + std::to_string(i.param.world) + "_ep" +
+                                  std::to_string(i.param.ep) + "_dp" + std::to_string(i.param.dp);
                          });
 
 TEST(MeshLayoutErrors, WrongProductIsConfigError) {
-  run_ranks(2, 10.0, [](Communicator& world) { EXPECT_THROW(ProcessMesh(world, 4, 1), ConfigError); });
+  run_ranks(2, 10.0,
+            [](Communicator& world) { EXPECT_THROW(ProcessMesh(world, 4, 1), ConfigError); });
 }
 
 // ---- faults under ThreadComm ---------------------------------------------------------
 
 namespace {
 // Runs `body` on n ranks; returns each rank's CommError message ("" if none).
-std::vector<std::string> comm_errors(int n, double timeout, const std::function<void(Communicator&)>& body) {
+std::vector<std::string> comm_errors(int n, double timeout,
+                                     const std::function<void(Communicator&)>& body) {
   std::vector<std::string> errors(n);
   try {
     run_ranks(n, timeout, [&](Communicator& c) {
@@ -320,8 +345,10 @@ TEST(ThreadFaults, StalledRankTimesOutNamingIt) {
 TEST(ThreadFaults, WrongSizeIsNamedWithBothCounts) {
   auto errors = comm_errors(2, 5.0, [](Communicator& c) {
     // rank 0 sends 5 rows to rank 1; rank 1 expects 4.
-    std::vector<int64_t> send = c.rank() == 0 ? std::vector<int64_t>{1, 5} : std::vector<int64_t>{1, 1};
-    std::vector<int64_t> recv = c.rank() == 0 ? std::vector<int64_t>{1, 1} : std::vector<int64_t>{4, 1};
+    std::vector<int64_t> send =
+        c.rank() == 0 ? std::vector<int64_t>{1, 5} : std::vector<int64_t>{1, 1};
+    std::vector<int64_t> recv =
+        c.rank() == 0 ? std::vector<int64_t>{1, 1} : std::vector<int64_t>{4, 1};
     int64_t rows = send[0] + send[1];
     c.all_to_all_v(torch::zeros({rows, 3}), send, recv);
   });
@@ -413,9 +440,10 @@ namespace {
   std::fflush(stderr);
   MpiComm::abort_job(kExitComm);
 }
-#define MOE_REQUIRE_FAULT_SCENARIO()                 \
-  MOE_REQUIRE_MPIRUN();                              \
-  if (!std::getenv("MOE_FAULT_SCENARIO")) GTEST_SKIP() << "fault scenario: run by ctest with MOE_FAULT_SCENARIO=1"
+#define MOE_REQUIRE_FAULT_SCENARIO()      \
+  MOE_REQUIRE_MPIRUN();                   \
+  if (!std::getenv("MOE_FAULT_SCENARIO")) \
+  GTEST_SKIP() << "fault scenario: run by ctest with MOE_FAULT_SCENARIO=1"
 }  // namespace
 
 TEST(MpiFault, StalledRankIsNamed) {

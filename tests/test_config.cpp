@@ -1,8 +1,8 @@
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <cstdio>
 #include <fstream>
-#include <sys/wait.h>
 
 #include "moe/config/config.h"
 #include "moe/core/error.h"
@@ -11,7 +11,9 @@ using namespace moe;
 
 namespace {
 
-std::string src(const std::string& rel) { return std::string(MOE_SOURCE_DIR) + "/" + rel; }
+std::string src(const std::string& rel) {
+  return std::string(MOE_SOURCE_DIR) + "/" + rel;
+}
 
 // Expects load_config_text(yaml) to throw ConfigError whose message contains
 // every one of `needles`.
@@ -22,7 +24,8 @@ void expect_config_error(const std::string& yaml, const std::vector<std::string>
     ADD_FAILURE() << "no ConfigError for:\n" << yaml;
   } catch (const ConfigError& e) {
     std::string what = e.what();
-    for (const auto& n : needles) EXPECT_NE(what.find(n), std::string::npos) << "'" << n << "' not in: " << what;
+    for (const auto& n : needles)
+      EXPECT_NE(what.find(n), std::string::npos) << "'" << n << "' not in: " << what;
   }
 }
 
@@ -42,8 +45,9 @@ TEST(ConfigLoad, DefaultsAreValid) {
 }
 
 TEST(ConfigLoad, ShippedConfigsValidate) {
-  for (const char* f : {"configs/tiny.yaml", "configs/quickstart.yaml", "configs/mixtral-8x7b.yaml",
-                        "configs/deepseek-fine.yaml", "configs/bench/coarse.yaml", "configs/bench/fine.yaml"}) {
+  for (const char* f :
+       {"configs/tiny.yaml", "configs/quickstart.yaml", "configs/mixtral-8x7b.yaml",
+        "configs/deepseek-fine.yaml", "configs/bench/coarse.yaml", "configs/bench/fine.yaml"}) {
     SCOPED_TRACE(f);
     EXPECT_NO_THROW(load_config(src(f)));
   }
@@ -82,24 +86,41 @@ TEST(ConfigLoad, MalformedInputsGiveConfigErrorsNamingTheKey) {
       {"empty file", "", {"test.yaml", "empty"}},
       {"only comments", "# nothing here\n", {"empty"}},
       {"null document", "~\n", {"empty"}},
-      {"binary garbage", std::string("\x7f" "ELF\x02\x01\x01\x00\x00", 9).c_str(), {"test.yaml"}},
+      {"binary garbage",
+       std::string("\x7f"
+                   "ELF\x02\x01\x01\x00\x00",
+                   9)
+           .c_str(),
+       {"test.yaml"}},
       {"top level is a list", "- model\n- moe\n", {"top level must be a mapping"}},
       {"top level is a scalar", "hello\n", {"top level must be a mapping"}},
-      {"unknown section", "modle:\n  vocab: 3\n", {"unknown section 'modle'", "did you mean 'model'"}},
-      {"unknown key with suggestion", "moe:\n  expertz: 8\n", {"moe.expertz", "did you mean 'moe.experts'"}},
+      {"unknown section",
+       "modle:\n  vocab: 3\n",
+       {"unknown section 'modle'", "did you mean 'model'"}},
+      {"unknown key with suggestion",
+       "moe:\n  expertz: 8\n",
+       {"moe.expertz", "did you mean 'moe.experts'"}},
       {"key in wrong section", "model:\n  top_k: 2\n", {"model.top_k", "moe.top_k"}},
       {"section is a scalar", "moe: 5\n", {"section 'moe'", "mapping"}},
       {"section is a list", "train: [1, 2]\n", {"section 'train'"}},
-      {"int given a word", "moe:\n  experts: eight\n", {"moe.experts", "expected an integer", "'eight'", "line 2"}},
+      {"int given a word",
+       "moe:\n  experts: eight\n",
+       {"moe.experts", "expected an integer", "'eight'", "line 2"}},
       {"int given a float", "moe:\n  top_k: 1.5\n", {"moe.top_k", "expected an integer"}},
       {"int given a list", "model:\n  layers: [1]\n", {"model.layers", "a list"}},
       {"int given a map", "model:\n  heads: {a: 1}\n", {"model.heads", "a mapping"}},
-      {"int overflow", "train:\n  steps: 99999999999999999999999\n", {"train.steps", "expected an integer"}},
+      {"int overflow",
+       "train:\n  steps: 99999999999999999999999\n",
+       {"train.steps", "expected an integer"}},
       {"float given a word", "train:\n  lr: fast\n", {"train.lr", "expected a number"}},
       {"bool given a number", "model:\n  dense: 2\n", {"model.dense", "true or false"}},
-      {"string given a list", "moe:\n  activation: [relu]\n", {"moe.activation", "expected a string"}},
+      {"string given a list",
+       "moe:\n  activation: [relu]\n",
+       {"moe.activation", "expected a string"}},
       {"list given a scalar", "bench:\n  sizes_kib: 4\n", {"bench.sizes_kib", "list of integers"}},
-      {"list with a word", "bench:\n  sizes_kib: [1, two]\n", {"bench.sizes_kib[1]", "expected an integer"}},
+      {"list with a word",
+       "bench:\n  sizes_kib: [1, two]\n",
+       {"bench.sizes_kib[1]", "expected an integer"}},
       {"negative size", "model:\n  d_model: -4\n", {"model.d_model = -4", "out of range"}},
       {"zero experts", "moe:\n  experts: 0\n", {"moe.experts = 0", "out of range"}},
       {"zero steps", "train:\n  steps: 0\n", {"train.steps = 0"}},
@@ -109,22 +130,42 @@ TEST(ConfigLoad, MalformedInputsGiveConfigErrorsNamingTheKey) {
       {"zero timeout", "parallel:\n  timeout_s: 0\n", {"parallel.timeout_s"}},
       {"negative capacity factor", "moe:\n  capacity_factor: -1\n", {"moe.capacity_factor = -1"}},
       {"beta2 of one", "train:\n  beta2: 1.0\n", {"train.beta2"}},
-      {"bad choice with suggestion", "moe:\n  activation: swigl\n", {"moe.activation = 'swigl'", "did you mean 'swiglu'"}},
-      {"bad backend", "parallel:\n  backend: gloo\n", {"parallel.backend = 'gloo'", "auto | thread | mpi | nccl"}},
+      {"bad choice with suggestion",
+       "moe:\n  activation: swigl\n",
+       {"moe.activation = 'swigl'", "did you mean 'swiglu'"}},
+      {"bad backend",
+       "parallel:\n  backend: gloo\n",
+       {"parallel.backend = 'gloo'", "auto | thread | mpi | nccl"}},
       {"bad drop policy", "moe:\n  drop_policy: random\n", {"moe.drop_policy"}},
       {"top_k > experts", "moe:\n  experts: 4\n  top_k: 5\n", {"moe.top_k = 5", "moe.experts = 4"}},
-      {"experts not divisible by ep", "moe:\n  experts: 6\nparallel:\n  ep: 4\n", {"moe.experts = 6", "parallel.ep = 4"}},
-      {"ep*dp != ranks", "parallel:\n  ranks: 4\n  ep: 2\n  dp: 1\n", {"parallel.ep * parallel.dp", "parallel.ranks = 4"}},
-      {"ep does not divide ranks", "parallel:\n  ranks: 6\n  ep: 4\nmoe:\n  experts: 8\n", {"parallel.ep = 4", "parallel.ranks = 6"}},
-      {"d_model not divisible by heads", "model:\n  d_model: 100\n  heads: 3\n", {"model.d_model = 100", "model.heads = 3"}},
+      {"experts not divisible by ep",
+       "moe:\n  experts: 6\nparallel:\n  ep: 4\n",
+       {"moe.experts = 6", "parallel.ep = 4"}},
+      {"ep*dp != ranks",
+       "parallel:\n  ranks: 4\n  ep: 2\n  dp: 1\n",
+       {"parallel.ep * parallel.dp", "parallel.ranks = 4"}},
+      {"ep does not divide ranks",
+       "parallel:\n  ranks: 6\n  ep: 4\nmoe:\n  experts: 8\n",
+       {"parallel.ep = 4", "parallel.ranks = 6"}},
+      {"d_model not divisible by heads",
+       "model:\n  d_model: 100\n  heads: 3\n",
+       {"model.d_model = 100", "model.heads = 3"}},
       {"odd head dim", "model:\n  d_model: 12\n  heads: 4\n", {"must be even"}},
       {"moe_every beyond layers", "model:\n  layers: 2\n  moe_every: 3\n", {"model.moe_every = 3"}},
       {"groups do not divide experts", "moe:\n  experts: 8\n  n_groups: 3\n", {"moe.n_groups = 3"}},
-      {"topk_groups > n_groups", "moe:\n  n_groups: 2\n  topk_groups: 3\n", {"moe.topk_groups = 3"}},
-      {"top_k beyond reachable groups", "moe:\n  experts: 8\n  n_groups: 4\n  topk_groups: 1\n  top_k: 3\n", {"moe.top_k = 3", "moe.topk_groups"}},
+      {"topk_groups > n_groups",
+       "moe:\n  n_groups: 2\n  topk_groups: 3\n",
+       {"moe.topk_groups = 3"}},
+      {"top_k beyond reachable groups",
+       "moe:\n  experts: 8\n  n_groups: 4\n  topk_groups: 1\n  top_k: 3\n",
+       {"moe.top_k = 3", "moe.topk_groups"}},
       {"text data with empty path", "data:\n  kind: text\n  path: ''\n", {"data.path"}},
-      {"text data with small vocab", "data:\n  kind: text\nmodel:\n  vocab: 64\n", {"model.vocab = 64", "256"}},
-      {"sizes not increasing", "bench:\n  sizes_kib: [4, 4]\n", {"bench.sizes_kib", "strictly increasing"}},
+      {"text data with small vocab",
+       "data:\n  kind: text\nmodel:\n  vocab: 64\n",
+       {"model.vocab = 64", "256"}},
+      {"sizes not increasing",
+       "bench:\n  sizes_kib: [4, 4]\n",
+       {"bench.sizes_kib", "strictly increasing"}},
       {"empty size list", "bench:\n  sizes_kib: []\n", {"bench.sizes_kib is empty"}},
       {"zero in size list", "bench:\n  sizes_kib: [0, 4]\n", {"bench.sizes_kib[0] = 0"}},
       {"bad sweep launcher", "sweep:\n  launcher: slurm\n", {"sweep.launcher = 'slurm'"}},
@@ -166,8 +207,9 @@ TEST(ConfigLoad, BinaryFileOnDisk) {
 }
 
 TEST(ConfigOverrides, SetValuesAndLists) {
-  Config c = load_config(src("configs/tiny.yaml"), {"moe.top_k=3", "bench.sizes_kib=[1,2,3]", "model.dense=true",
-                                                   "train.lr=1e-3", "data.path=/tmp/x y"});
+  Config c = load_config(src("configs/tiny.yaml"),
+                         {"moe.top_k=3", "bench.sizes_kib=[1,2,3]", "model.dense=true",
+                          "train.lr=1e-3", "data.path=/tmp/x y"});
   EXPECT_EQ(c.moe.top_k, 3);
   EXPECT_EQ(c.bench.sizes_kib, (std::vector<int64_t>{1, 2, 3}));
   EXPECT_TRUE(c.model.dense);
@@ -198,7 +240,8 @@ TEST(ConfigOverrides, ErrorsNameTheKeyAndTheCommandLine) {
 }
 
 TEST(ConfigDump, RoundTripsExactly) {
-  for (const char* f : {"configs/tiny.yaml", "configs/quickstart.yaml", "configs/deepseek-fine.yaml"}) {
+  for (const char* f :
+       {"configs/tiny.yaml", "configs/quickstart.yaml", "configs/deepseek-fine.yaml"}) {
     SCOPED_TRACE(f);
     Config a = load_config(src(f), {"train.lr=0.000123456789", "moe.temperature=0.3"});
     std::string dumped = dump_config(a);
@@ -224,7 +267,8 @@ TEST(ConfigKeys, EveryKeyDocumentedAndInReadme) {
   for (const auto& k : config_keys()) {
     EXPECT_FALSE(k.doc.empty()) << k.key;
     std::string name = "`" + k.section + "." + k.key + "`";
-    EXPECT_NE(readme.str().find(name), std::string::npos) << name << " missing from README config table";
+    EXPECT_NE(readme.str().find(name), std::string::npos)
+        << name << " missing from README config table";
   }
 }
 

@@ -16,7 +16,8 @@ TEST(Errors, CarryKindLocationAndExitCode) {
     EXPECT_EQ(e.exit_code(), kExitBadInput);
     EXPECT_EQ(e.message(), "moe.top_k = 99 too large");
     std::string what = e.what();
-    EXPECT_NE(what.find("ConfigError: moe.top_k = 99 too large [test_core.cpp:"), std::string::npos) << what;
+    EXPECT_NE(what.find("ConfigError: moe.top_k = 99 too large [test_core.cpp:"), std::string::npos)
+        << what;
     EXPECT_GT(e.line(), 0);
   }
 }

@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/types.h>
 #include <yaml-cpp/yaml.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>

@@ -1,10 +1,10 @@
 // `moe bench comm|layer|calibrate`.
-#include <nlohmann/json.hpp>
+#include <sys/stat.h>
 
 #include <cstdio>
 #include <fstream>
 #include <iostream>
-#include <sys/stat.h>
+#include <nlohmann/json.hpp>
 
 #include "moe/apps/commands.h"
 #include "moe/apps/common.h"
@@ -67,7 +67,9 @@ std::vector<CommRow> bench_comm(comm::Communicator& c, const Config& cfg) {
       }
     }
 #if MOE_HAVE_MPI
-    if (mpi) MOE_CHECK(torch::equal(out, raw_out), "all_to_all_v and MPI_Alltoallv disagree at " << kib << " KiB");
+    if (mpi)
+      MOE_CHECK(torch::equal(out, raw_out),
+                "all_to_all_v and MPI_Alltoallv disagree at " << kib << " KiB");
 #endif
     // Slowest rank per repetition.
     torch::Tensor t = torch::tensor(moe_t, torch::kFloat64);
@@ -83,19 +85,24 @@ std::vector<CommRow> bench_comm(comm::Communicator& c, const Config& cfg) {
   return rows;
 }
 
-double gbps(int64_t bytes_per_peer, int world, double ms) { return bytes_per_peer * world / (ms * 1e-3) / 1e9; }
+double gbps(int64_t bytes_per_peer, int world, double ms) {
+  return bytes_per_peer * world / (ms * 1e-3) / 1e9;
+}
 
 void report_comm(const std::vector<CommRow>& rows, int world, const std::string& backend, bool json,
                  const std::string& dump_dir) {
   nlohmann::json results = nlohmann::json::array();
   for (const auto& r : rows) {
-    nlohmann::json j = {{"bytes_per_peer", r.bytes_per_peer}, {"moe_gbps", gbps(r.bytes_per_peer, world, r.moe_ms)},
+    nlohmann::json j = {{"bytes_per_peer", r.bytes_per_peer},
+                        {"moe_gbps", gbps(r.bytes_per_peer, world, r.moe_ms)},
                         {"moe_ms", r.moe_ms}};
-    j["raw_mpi_gbps"] = r.raw_ms > 0 ? nlohmann::json(gbps(r.bytes_per_peer, world, r.raw_ms)) : nlohmann::json();
+    j["raw_mpi_gbps"] =
+        r.raw_ms > 0 ? nlohmann::json(gbps(r.bytes_per_peer, world, r.raw_ms)) : nlohmann::json();
     if (r.raw_ms > 0) j["raw_mpi_ms"] = r.raw_ms;
     results.push_back(j);
   }
-  nlohmann::json doc = {{"benchmark", "comm"}, {"backend", backend}, {"world", world}, {"results", results}};
+  nlohmann::json doc = {
+      {"benchmark", "comm"}, {"backend", backend}, {"world", world}, {"results", results}};
   if (!dump_dir.empty()) {
     ::mkdir(dump_dir.c_str(), 0755);
     nlohmann::json raw = doc;
@@ -109,18 +116,20 @@ void report_comm(const std::vector<CommRow>& rows, int world, const std::string&
     std::cout << doc.dump() << std::endl;
     return;
   }
-  std::printf("all_to_all_v throughput, backend %s, world %d (GB/s per rank, median of slowest rank)\n",
-              backend.c_str(), world);
-  std::printf("%14s %12s %12s %12s %12s %8s\n", "bytes/peer", "moe ms", "moe GB/s", "raw MPI ms", "raw GB/s", "ratio");
+  std::printf(
+      "all_to_all_v throughput, backend %s, world %d (GB/s per rank, median of slowest rank)\n",
+      backend.c_str(), world);
+  std::printf("%14s %12s %12s %12s %12s %8s\n", "bytes/peer", "moe ms", "moe GB/s", "raw MPI ms",
+              "raw GB/s", "ratio");
   for (const auto& r : rows) {
     double m = gbps(r.bytes_per_peer, world, r.moe_ms);
     if (r.raw_ms > 0) {
       double w = gbps(r.bytes_per_peer, world, r.raw_ms);
-      std::printf("%14lld %12.4f %12.3f %12.4f %12.3f %8.3f\n", static_cast<long long>(r.bytes_per_peer), r.moe_ms, m,
-                  r.raw_ms, w, m / w);
+      std::printf("%14lld %12.4f %12.3f %12.4f %12.3f %8.3f\n",
+                  static_cast<long long>(r.bytes_per_peer), r.moe_ms, m, r.raw_ms, w, m / w);
     } else {
-      std::printf("%14lld %12.4f %12.3f %12s %12s %8s\n", static_cast<long long>(r.bytes_per_peer), r.moe_ms, m, "-",
-                  "-", "-");
+      std::printf("%14lld %12.4f %12.3f %12s %12s %8s\n", static_cast<long long>(r.bytes_per_peer),
+                  r.moe_ms, m, "-", "-", "-");
     }
   }
   std::fflush(stdout);

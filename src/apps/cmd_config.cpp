@@ -24,27 +24,37 @@ int run_config(const ConfigArgs& args) {
     if (args.markdown) {
       std::cout << "| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n";
       for (const auto& k : config_keys())
-        std::cout << "| `" << k.section << "." << k.key << "` | " << k.type << " | `" << k.default_value
-                  << "` | " << md_escape(k.allowed) << " | " << md_escape(k.doc) << " |\n";
+        std::cout << "| `" << k.section << "." << k.key << "` | " << k.type << " | `"
+                  << k.default_value << "` | " << md_escape(k.allowed) << " | " << md_escape(k.doc)
+                  << " |\n";
     } else {
       for (const auto& k : config_keys())
-        std::cout << std::left << std::setw(26) << (k.section + "." + k.key) << std::setw(10) << k.type
-                  << std::setw(14) << k.default_value << k.doc << "  [" << k.allowed << "]\n";
+        std::cout << std::left << std::setw(26) << (k.section + "." + k.key) << std::setw(10)
+                  << k.type << std::setw(14) << k.default_value << k.doc << "  [" << k.allowed
+                  << "]\n";
     }
     return kExitOk;
   }
-  if (args.config_path.empty()) MOE_THROW(UsageError, "moe config " << args.action << ": CONFIG file is required");
+  if (args.config_path.empty())
+    MOE_THROW(UsageError, "moe config " << args.action << ": CONFIG file is required");
   Config cfg = load_config(args.config_path, args.overrides);
   if (args.action == "show") {
     std::cout << dump_config(cfg);
   } else {
-    std::cout << args.config_path << ": ok (hash " << std::hex << config_hash(cfg) << std::dec << ")\n";
+    std::cout << args.config_path << ": ok (hash " << std::hex << config_hash(cfg) << std::dec
+              << ")\n";
   }
   return kExitOk;
 }
 
-int run_train(const TrainArgs&) { return not_implemented("train"); }
-int run_sweep(const SweepArgs&) { return not_implemented("sweep"); }
-int run_ckpt(const CkptArgs& args) { return not_implemented("ckpt " + args.action); }
+int run_train(const TrainArgs&) {
+  return not_implemented("train");
+}
+int run_sweep(const SweepArgs&) {
+  return not_implemented("sweep");
+}
+int run_ckpt(const CkptArgs& args) {
+  return not_implemented("ckpt " + args.action);
+}
 
 }  // namespace moe::apps

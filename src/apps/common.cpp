@@ -13,7 +13,8 @@ Config load_config_or_defaults(const std::string& path, const std::vector<std::s
 int thread_ranks(int flag_ranks, const Config& cfg) {
   if (flag_ranks > 0) {
     if (cfg.parallel.ranks > 0 && cfg.parallel.ranks != flag_ranks)
-      MOE_THROW(ConfigError, "--ranks " << flag_ranks << " disagrees with parallel.ranks = " << cfg.parallel.ranks
+      MOE_THROW(ConfigError, "--ranks " << flag_ranks
+                                        << " disagrees with parallel.ranks = " << cfg.parallel.ranks
                                         << " (drop one, or set parallel.ranks=0)");
     return flag_ranks;
   }

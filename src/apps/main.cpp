@@ -1,7 +1,6 @@
 // `moe`: one program, subcommands train | bench | sweep | config | ckpt.
 // Thin: parse arguments, call the subcommand, map errors to exit codes.
 #include <CLI/CLI.hpp>
-
 #include <iostream>
 
 #include "moe/apps/commands.h"
@@ -29,33 +28,41 @@ int main(int argc, char** argv) {
   CLI::App app{"moe: train Mixture-of-Experts models with expert parallelism", "moe"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moe 0.1.0");
-  app.footer("Exit codes: 0 ok, 2 bad input (usage, config, data, checkpoint), 3 communication failure, 1 other.");
+  app.footer(
+      "Exit codes: 0 ok, 2 bad input (usage, config, data, checkpoint), 3 communication failure, 1 "
+      "other.");
 
   // train
   apps::TrainArgs train;
   std::vector<std::string> train_pos;
   auto* train_cmd = app.add_subcommand("train", "Train an MoE language model");
-  train_cmd->add_option("config_and_overrides", train_pos, "CONFIG [section.key=value ...]")->required();
+  train_cmd->add_option("config_and_overrides", train_pos, "CONFIG [section.key=value ...]")
+      ->required();
   train_cmd->add_option("--ranks", train.ranks, "simulate N ranks as threads of this process")
       ->check(CLI::Range(1, 1024));
-  train_cmd->add_option("--out", train.out_dir, "run directory: config.yaml, metrics.jsonl, checkpoints/");
-  train_cmd->add_option("--resume", train.resume_dir, "continue from the newest valid checkpoint in DIR");
+  train_cmd->add_option("--out", train.out_dir,
+                        "run directory: config.yaml, metrics.jsonl, checkpoints/");
+  train_cmd->add_option("--resume", train.resume_dir,
+                        "continue from the newest valid checkpoint in DIR");
 
   // bench
   apps::BenchArgs bench;
   std::vector<std::string> bench_pos;
-  auto* bench_cmd = app.add_subcommand("bench", "Benchmarks: comm (all-to-all), layer (MoE layer), calibrate");
+  auto* bench_cmd =
+      app.add_subcommand("bench", "Benchmarks: comm (all-to-all), layer (MoE layer), calibrate");
   bench_cmd->add_option("what", bench.what, "comm | layer | calibrate")
       ->required()
       ->check(CLI::IsMember({"comm", "layer", "calibrate"}));
   bench_cmd->add_option("config_and_overrides", bench_pos, "[CONFIG] [section.key=value ...]");
-  bench_cmd->add_option("--ranks", bench.ranks, "simulate N ranks as threads")->check(CLI::Range(1, 1024));
+  bench_cmd->add_option("--ranks", bench.ranks, "simulate N ranks as threads")
+      ->check(CLI::Range(1, 1024));
   bench_cmd->add_flag("--json", bench.json, "print results as JSON");
   bench_cmd->add_option("--dump", bench.dump_dir, "write raw timings to DIR");
 
   // sweep
   apps::SweepArgs sweep;
-  auto* sweep_cmd = app.add_subcommand("sweep", "Run a scaling experiment described by a sweep YAML");
+  auto* sweep_cmd =
+      app.add_subcommand("sweep", "Run a scaling experiment described by a sweep YAML");
   sweep_cmd->add_option("sweep", sweep.sweep_path, "SWEEP.yaml")->required();
   sweep_cmd->add_option("--out", sweep.out_dir, "results directory (results.csv, results.jsonl)");
   sweep_cmd->add_flag("--predict", sweep.predict, "add cost-model predictions");
@@ -66,10 +73,13 @@ int main(int argc, char** argv) {
   auto* config_cmd = app.add_subcommand("config", "Show, check or list configuration");
   config_cmd->require_subcommand(1);
   auto* show = config_cmd->add_subcommand("show", "Print the resolved config as YAML");
-  show->add_option("config_and_overrides", config_pos, "CONFIG [section.key=value ...]")->required();
+  show->add_option("config_and_overrides", config_pos, "CONFIG [section.key=value ...]")
+      ->required();
   auto* check = config_cmd->add_subcommand("check", "Validate a config: exit 0 if valid, 2 if not");
-  check->add_option("config_and_overrides", config_pos, "CONFIG [section.key=value ...]")->required();
-  auto* keys = config_cmd->add_subcommand("keys", "List every config key with type, default and meaning");
+  check->add_option("config_and_overrides", config_pos, "CONFIG [section.key=value ...]")
+      ->required();
+  auto* keys =
+      config_cmd->add_subcommand("keys", "List every config key with type, default and meaning");
   keys->add_flag("--markdown", config.markdown, "print a Markdown table");
 
   // ckpt
@@ -79,7 +89,8 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::IsMember({"info", "export", "import", "upcycle", "prune"}));
   ckpt_cmd->add_option("paths", ckpt.paths, "checkpoint directories / files");
-  ckpt_cmd->add_option("--safetensors", ckpt.safetensors, "safetensors file to export to / import from");
+  ckpt_cmd->add_option("--safetensors", ckpt.safetensors,
+                       "safetensors file to export to / import from");
 
   try {
     app.parse(argc, argv);

@@ -9,9 +9,12 @@ namespace moe::comm {
 
 const char* reduce_op_name(ReduceOp op) {
   switch (op) {
-    case ReduceOp::Sum: return "sum";
-    case ReduceOp::Avg: return "avg";
-    case ReduceOp::Max: return "max";
+    case ReduceOp::Sum:
+      return "sum";
+    case ReduceOp::Avg:
+      return "avg";
+    case ReduceOp::Max:
+      return "max";
   }
   return "?";
 }
@@ -24,8 +27,10 @@ bool supported_dtype(c10::ScalarType t) {
     case torch::kFloat16:
     case torch::kInt64:
     case torch::kInt32:
-    case torch::kUInt8: return true;
-    default: return false;
+    case torch::kUInt8:
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -69,17 +74,21 @@ void check_tensor(const Communicator& c, const torch::Tensor& t, const char* op,
               op << ": " << arg << " has dtype " << t.scalar_type()
                  << "; allowed float32, float64, bfloat16, float16, int64, int32, uint8");
   MOE_CHECK_T(ShapeError, t.is_contiguous(),
-              op << ": " << arg << " of shape " << shape_str(t) << " is not contiguous (call .contiguous())");
-  MOE_CHECK_T(ShapeError, t.dim() >= 1, op << ": " << arg << " must have at least 1 dimension, got a scalar");
+              op << ": " << arg << " of shape " << shape_str(t)
+                 << " is not contiguous (call .contiguous())");
+  MOE_CHECK_T(ShapeError, t.dim() >= 1,
+              op << ": " << arg << " must have at least 1 dimension, got a scalar");
   (void)c;
 }
 
-void check_counts(const Communicator& c, const std::vector<int64_t>& counts, const char* op, const char* arg) {
+void check_counts(const Communicator& c, const std::vector<int64_t>& counts, const char* op,
+                  const char* arg) {
   MOE_CHECK_T(ShapeError, static_cast<int>(counts.size()) == c.size(),
               op << ": " << arg << " has " << counts.size() << " entries " << counts_str(counts)
                  << " but the communicator has " << c.size() << " ranks");
   for (size_t i = 0; i < counts.size(); ++i)
-    MOE_CHECK_T(ShapeError, counts[i] >= 0, op << ": " << arg << "[" << i << "] = " << counts[i] << " is negative");
+    MOE_CHECK_T(ShapeError, counts[i] >= 0,
+                op << ": " << arg << "[" << i << "] = " << counts[i] << " is negative");
 }
 }  // namespace
 
@@ -95,13 +104,15 @@ torch::Tensor Communicator::all_to_all(const torch::Tensor& input) {
   return out;
 }
 
-torch::Tensor Communicator::make_output(const torch::Tensor& input, const std::vector<int64_t>& recv_rows) {
+torch::Tensor Communicator::make_output(const torch::Tensor& input,
+                                        const std::vector<int64_t>& recv_rows) {
   std::vector<int64_t> shape = input.sizes().vec();
   shape[0] = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
   return torch::empty(shape, input.options());
 }
 
-torch::Tensor Communicator::all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
+torch::Tensor Communicator::all_to_all_v(const torch::Tensor& input,
+                                         const std::vector<int64_t>& send_rows,
                                          const std::vector<int64_t>& recv_rows, torch::Tensor out) {
   check_tensor(*this, input, "all_to_all_v", "input");
   check_device(input, "all_to_all_v", "input");
@@ -118,10 +129,11 @@ torch::Tensor Communicator::all_to_all_v(const torch::Tensor& input, const std::
     std::vector<int64_t> want = input.sizes().vec();
     want[0] = std::accumulate(recv_rows.begin(), recv_rows.end(), int64_t{0});
     MOE_CHECK_T(ShapeError, out.sizes().vec() == want && out.scalar_type() == input.scalar_type(),
-                "all_to_all_v: out has shape " << shape_str(out) << " " << out.scalar_type() << " but recv_rows "
-                                               << counts_str(recv_rows) << " and input " << shape_str(input) << " "
-                                               << input.scalar_type() << " need [" << want[0] << ", ...] of "
-                                               << input.scalar_type());
+                "all_to_all_v: out has shape "
+                    << shape_str(out) << " " << out.scalar_type() << " but recv_rows "
+                    << counts_str(recv_rows) << " and input " << shape_str(input) << " "
+                    << input.scalar_type() << " need [" << want[0] << ", ...] of "
+                    << input.scalar_type());
   } else {
     out = make_output(input, recv_rows);
   }
@@ -153,12 +165,15 @@ torch::Tensor Communicator::all_gather(const torch::Tensor& tensor) {
 void Communicator::broadcast(torch::Tensor& tensor, int root) {
   check_tensor(*this, tensor, "broadcast", "tensor");
   check_device(tensor, "broadcast", "tensor");
-  MOE_CHECK_T(ShapeError, root >= 0 && root < size(),
-              "broadcast: root " << root << " is not a rank of this communicator (size " << size() << ")");
+  MOE_CHECK_T(
+      ShapeError, root >= 0 && root < size(),
+      "broadcast: root " << root << " is not a rank of this communicator (size " << size() << ")");
   do_broadcast(tensor, root);
 }
 
-void Communicator::barrier() { do_barrier(); }
+void Communicator::barrier() {
+  do_barrier();
+}
 
 std::unique_ptr<Communicator> Communicator::split(int color, int key) {
   MOE_CHECK_T(ShapeError, color >= 0, "split: color " << color << " must be >= 0");

@@ -28,7 +28,8 @@ std::string resolve_backend(const std::string& requested) {
   if (requested == "auto") return under_mpirun() && MOE_HAVE_MPI ? "mpi" : "thread";
   if (requested == "thread") return requested;
   if (requested == "mpi") {
-    MOE_CHECK_T(ConfigError, MOE_HAVE_MPI, "parallel.backend = 'mpi' but this build has no MPI backend");
+    MOE_CHECK_T(ConfigError, MOE_HAVE_MPI,
+                "parallel.backend = 'mpi' but this build has no MPI backend");
     return requested;
   }
   if (requested == "nccl") {
@@ -36,7 +37,8 @@ std::string resolve_backend(const std::string& requested) {
                 "parallel.backend = 'nccl' needs a build with NCCL and MPI (bootstrap)");
     return requested;
   }
-  MOE_THROW(ConfigError, "parallel.backend = '" << requested << "' is not one of auto, thread, mpi, nccl");
+  MOE_THROW(ConfigError,
+            "parallel.backend = '" << requested << "' is not one of auto, thread, mpi, nccl");
 }
 
 int launcher_world_size(const std::string& backend, int thread_ranks) {

@@ -20,7 +20,9 @@ using Clock = std::chrono::steady_clock;
 bool g_initialised_here = false;
 bool g_broken = false;  // a collective failed: MPI_Finalize could hang
 
-MPI_Comm& as_comm(void*& p) { return *reinterpret_cast<MPI_Comm*>(&p); }
+MPI_Comm& as_comm(void*& p) {
+  return *reinterpret_cast<MPI_Comm*>(&p);
+}
 MPI_Comm as_comm_c(void* p) {
   MPI_Comm c;
   std::memcpy(&c, &p, sizeof c);
@@ -36,12 +38,18 @@ std::string mpi_error_string(int code) {
 
 MPI_Datatype mpi_type(c10::ScalarType t) {
   switch (t) {
-    case torch::kFloat32: return MPI_FLOAT;
-    case torch::kFloat64: return MPI_DOUBLE;
-    case torch::kInt64: return MPI_INT64_T;
-    case torch::kInt32: return MPI_INT32_T;
-    case torch::kUInt8: return MPI_UINT8_T;
-    default: return MPI_DATATYPE_NULL;
+    case torch::kFloat32:
+      return MPI_FLOAT;
+    case torch::kFloat64:
+      return MPI_DOUBLE;
+    case torch::kInt64:
+      return MPI_INT64_T;
+    case torch::kInt32:
+      return MPI_INT32_T;
+    case torch::kUInt8:
+      return MPI_UINT8_T;
+    default:
+      return MPI_DATATYPE_NULL;
   }
 }
 
@@ -50,7 +58,8 @@ MPI_Datatype mpi_type(c10::ScalarType t) {
 struct RowType {
   MPI_Datatype type = MPI_DATATYPE_NULL;
   explicit RowType(int64_t bytes) {
-    static std::map<int64_t, MPI_Datatype> cache;  // calls are serialised per process (MPI_THREAD_SERIALIZED)
+    static std::map<int64_t, MPI_Datatype>
+        cache;  // calls are serialised per process (MPI_THREAD_SERIALIZED)
     auto it = cache.find(bytes);
     if (it == cache.end()) {
       MPI_Datatype t;
@@ -130,7 +139,8 @@ void MpiComm::fail(const std::string& reason) {
 
 void MpiComm::wait_collective(void* request_ptr, const char* op, uint64_t seq) {
   MPI_Request* req = static_cast<MPI_Request*>(request_ptr);
-  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(timeout_s_));
   int done = 0;
   MPI_Status status;
   for (uint64_t spins = 0;; ++spins) {
@@ -144,8 +154,9 @@ void MpiComm::wait_collective(void* request_ptr, const char* op, uint64_t seq) {
     if ((spins & 255) == 255) {
       if (Clock::now() > deadline) {
         std::ostringstream why;
-        why << op << " #" << seq << " did not complete within " << timeout_s_ << " s on rank " << world_rank_
-            << ": a peer in this group of " << size_ << " ranks is stalled, dead, or called a different collective";
+        why << op << " #" << seq << " did not complete within " << timeout_s_ << " s on rank "
+            << world_rank_ << ": a peer in this group of " << size_
+            << " ranks is stalled, dead, or called a different collective";
         fail(why.str());
       }
       std::this_thread::yield();
@@ -154,7 +165,8 @@ void MpiComm::wait_collective(void* request_ptr, const char* op, uint64_t seq) {
 }
 
 void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                              const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) {
+                              const std::vector<int64_t>& recv_rows, torch::Tensor& out,
+                              const char* op) {
   if (g_broken) MOE_THROW(CommError, op << " refused: an earlier collective failed on this rank");
   const uint64_t seq = ++seq_;
   const int tag = static_cast<int>(seq % kTagSpace);
@@ -183,27 +195,32 @@ void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int6
   for (int k = 1; k < size_; ++k) {
     int peer = (rank_ - k + size_) % size_;
     MPI_Request r;
-    MPI_Irecv(dst + recv_off[peer] * rb, static_cast<int>(recv_rows[peer]), row.type, peer, tag, comm, &r);
+    MPI_Irecv(dst + recv_off[peer] * rb, static_cast<int>(recv_rows[peer]), row.type, peer, tag,
+              comm, &r);
     reqs.push_back(r);
     req_peer.push_back(peer);
   }
   for (int k = 1; k < size_; ++k) {
     int peer = (rank_ + k) % size_;
     MPI_Request r;
-    MPI_Isend(src + send_off[peer] * rb, static_cast<int>(send_rows[peer]), row.type, peer, tag, comm, &r);
+    MPI_Isend(src + send_off[peer] * rb, static_cast<int>(send_rows[peer]), row.type, peer, tag,
+              comm, &r);
     reqs.push_back(r);
     req_peer.push_back(-(peer + 1));
   }
-  if (send_rows[rank_] > 0) std::memcpy(dst + recv_off[rank_] * rb, src + send_off[rank_] * rb, send_rows[rank_] * rb);
+  if (send_rows[rank_] > 0)
+    std::memcpy(dst + recv_off[rank_] * rb, src + send_off[rank_] * rb, send_rows[rank_] * rb);
 
-  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(timeout_s_));
   std::vector<bool> done(reqs.size(), false);
   size_t remaining = reqs.size();
   std::vector<int> indices(reqs.size());
   std::vector<MPI_Status> statuses(reqs.size());
   for (uint64_t spins = 0; remaining > 0; ++spins) {
     int outcount = 0;
-    int rc = MPI_Testsome(static_cast<int>(reqs.size()), reqs.data(), &outcount, indices.data(), statuses.data());
+    int rc = MPI_Testsome(static_cast<int>(reqs.size()), reqs.data(), &outcount, indices.data(),
+                          statuses.data());
     if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) {
       std::ostringstream why;
       why << op << " #" << seq << " failed on rank " << world_rank_ << ": " << mpi_error_string(rc);
@@ -221,8 +238,8 @@ void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int6
       if (peer < 0) {
         if (err != MPI_SUCCESS) {
           std::ostringstream why;
-          why << "sending " << op << " #" << seq << " data from rank " << world_rank_ << " to rank " << (-peer - 1)
-              << " failed: " << mpi_error_string(err);
+          why << "sending " << op << " #" << seq << " data from rank " << world_rank_ << " to rank "
+              << (-peer - 1) << " failed: " << mpi_error_string(err);
           fail(why.str());
         }
         continue;
@@ -232,14 +249,16 @@ void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int6
       if (err_class == MPI_ERR_TRUNCATE || (err == MPI_SUCCESS && got != recv_rows[peer])) {
         std::ostringstream why;
         why << "rank " << peer << " sent "
-            << (err_class == MPI_ERR_TRUNCATE ? "more than " + std::to_string(recv_rows[peer]) : std::to_string(got))
-            << " rows to rank " << world_rank_ << ", which expected " << recv_rows[peer] << " (" << op << " #" << seq
-            << ")";
+            << (err_class == MPI_ERR_TRUNCATE ? "more than " + std::to_string(recv_rows[peer])
+                                              : std::to_string(got))
+            << " rows to rank " << world_rank_ << ", which expected " << recv_rows[peer] << " ("
+            << op << " #" << seq << ")";
         fail(why.str());
       }
       if (err != MPI_SUCCESS) {
         std::ostringstream why;
-        why << "receiving " << op << " #" << seq << " data from rank " << peer << " failed: " << mpi_error_string(err);
+        why << "receiving " << op << " #" << seq << " data from rank " << peer
+            << " failed: " << mpi_error_string(err);
         fail(why.str());
       }
     }
@@ -253,8 +272,9 @@ void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int6
           first = false;
         }
         if (first) why << "peers";
-        why << " did not " << (first ? "take " : "send ") << op << " #" << seq << " data " << (first ? "from" : "to")
-            << " rank " << world_rank_ << " within " << timeout_s_ << " s (stalled, dead, or in a different collective)";
+        why << " did not " << (first ? "take " : "send ") << op << " #" << seq << " data "
+            << (first ? "from" : "to") << " rank " << world_rank_ << " within " << timeout_s_
+            << " s (stalled, dead, or in a different collective)";
         fail(why.str());
       }
       std::this_thread::yield();
@@ -262,7 +282,8 @@ void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int6
   }
 }
 
-void MpiComm::raw_alltoallv(const torch::Tensor& input, torch::Tensor& output, const std::vector<int64_t>& send_rows,
+void MpiComm::raw_alltoallv(const torch::Tensor& input, torch::Tensor& output,
+                            const std::vector<int64_t>& send_rows,
                             const std::vector<int64_t>& recv_rows) {
   const int64_t rb = row_bytes(input);
   std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
@@ -275,15 +296,17 @@ void MpiComm::raw_alltoallv(const torch::Tensor& input, torch::Tensor& output, c
     s += sc[i];
     r += rc[i];
   }
-  int rc_ = MPI_Alltoallv(input.data_ptr(), sc.data(), sd.data(), MPI_BYTE, output.data_ptr(), rc.data(), rd.data(),
-                          MPI_BYTE, as_comm_c(comm_));
+  int rc_ = MPI_Alltoallv(input.data_ptr(), sc.data(), sd.data(), MPI_BYTE, output.data_ptr(),
+                          rc.data(), rd.data(), MPI_BYTE, as_comm_c(comm_));
   if (rc_ != MPI_SUCCESS) MOE_THROW(CommError, "MPI_Alltoallv failed: " << mpi_error_string(rc_));
 }
 
 void MpiComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
-  if (g_broken) MOE_THROW(CommError, "all_reduce refused: an earlier collective failed on this rank");
+  if (g_broken)
+    MOE_THROW(CommError, "all_reduce refused: an earlier collective failed on this rank");
   const uint64_t seq = ++seq_;
-  const bool low_precision = tensor.scalar_type() == torch::kBFloat16 || tensor.scalar_type() == torch::kFloat16;
+  const bool low_precision =
+      tensor.scalar_type() == torch::kBFloat16 || tensor.scalar_type() == torch::kFloat16;
   torch::Tensor work = low_precision ? tensor.to(torch::kFloat32) : tensor;
   MPI_Request req;
   MPI_Op mop = op == ReduceOp::Max ? MPI_MAX : MPI_SUM;
@@ -301,13 +324,15 @@ void MpiComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
 }
 
 torch::Tensor MpiComm::do_all_gather(const torch::Tensor& tensor) {
-  if (g_broken) MOE_THROW(CommError, "all_gather refused: an earlier collective failed on this rank");
+  if (g_broken)
+    MOE_THROW(CommError, "all_gather refused: an earlier collective failed on this rank");
   const uint64_t seq = ++seq_;
   std::vector<int64_t> shape = tensor.sizes().vec();
   shape[0] *= size_;
   torch::Tensor out = torch::empty(shape, tensor.options());
   int64_t bytes = tensor.numel() * tensor.element_size();
-  MOE_CHECK_T(ShapeError, bytes < (int64_t{1} << 31), "all_gather: tensor of " << bytes << " bytes exceeds 2 GiB");
+  MOE_CHECK_T(ShapeError, bytes < (int64_t{1} << 31),
+              "all_gather: tensor of " << bytes << " bytes exceeds 2 GiB");
   MPI_Request req;
   int rc = MPI_Iallgather(tensor.data_ptr(), static_cast<int>(bytes), MPI_BYTE, out.data_ptr(),
                           static_cast<int>(bytes), MPI_BYTE, as_comm_c(comm_), &req);
@@ -317,12 +342,15 @@ torch::Tensor MpiComm::do_all_gather(const torch::Tensor& tensor) {
 }
 
 void MpiComm::do_broadcast(torch::Tensor& tensor, int root) {
-  if (g_broken) MOE_THROW(CommError, "broadcast refused: an earlier collective failed on this rank");
+  if (g_broken)
+    MOE_THROW(CommError, "broadcast refused: an earlier collective failed on this rank");
   const uint64_t seq = ++seq_;
   int64_t bytes = tensor.numel() * tensor.element_size();
-  MOE_CHECK_T(ShapeError, bytes < (int64_t{1} << 31), "broadcast: tensor of " << bytes << " bytes exceeds 2 GiB");
+  MOE_CHECK_T(ShapeError, bytes < (int64_t{1} << 31),
+              "broadcast: tensor of " << bytes << " bytes exceeds 2 GiB");
   MPI_Request req;
-  int rc = MPI_Ibcast(tensor.data_ptr(), static_cast<int>(bytes), MPI_BYTE, root, as_comm_c(comm_), &req);
+  int rc = MPI_Ibcast(tensor.data_ptr(), static_cast<int>(bytes), MPI_BYTE, root, as_comm_c(comm_),
+                      &req);
   if (rc != MPI_SUCCESS) fail(std::string("broadcast failed: ") + mpi_error_string(rc));
   wait_collective(&req, "broadcast", seq);
 }

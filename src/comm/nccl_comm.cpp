@@ -20,7 +20,9 @@ namespace moe::comm {
 namespace {
 using Clock = std::chrono::steady_clock;
 
-ncclComm_t nc(void* p) { return static_cast<ncclComm_t>(p); }
+ncclComm_t nc(void* p) {
+  return static_cast<ncclComm_t>(p);
+}
 
 cudaStream_t current_stream(int device) {
 #if MOE_TORCH_CUDA
@@ -33,28 +35,36 @@ cudaStream_t current_stream(int device) {
 
 ncclDataType_t nccl_type(c10::ScalarType t) {
   switch (t) {
-    case torch::kFloat32: return ncclFloat32;
-    case torch::kFloat64: return ncclFloat64;
-    case torch::kBFloat16: return ncclBfloat16;
-    case torch::kFloat16: return ncclFloat16;
-    case torch::kInt64: return ncclInt64;
-    case torch::kInt32: return ncclInt32;
-    default: return ncclUint8;
+    case torch::kFloat32:
+      return ncclFloat32;
+    case torch::kFloat64:
+      return ncclFloat64;
+    case torch::kBFloat16:
+      return ncclBfloat16;
+    case torch::kFloat16:
+      return ncclFloat16;
+    case torch::kInt64:
+      return ncclInt64;
+    case torch::kInt32:
+      return ncclInt32;
+    default:
+      return ncclUint8;
   }
 }
 
-#define MOE_NCCL_CALL(expr, what)                                                                   \
-  do {                                                                                              \
-    ncclResult_t moe_nccl_rc_ = (expr);                                                             \
-    if (moe_nccl_rc_ != ncclSuccess && moe_nccl_rc_ != ncclInProgress)                              \
-      fail(std::string(what) + " failed: " + ncclGetErrorString(moe_nccl_rc_) + " (" #expr ")");    \
+#define MOE_NCCL_CALL(expr, what)                                                                \
+  do {                                                                                           \
+    ncclResult_t moe_nccl_rc_ = (expr);                                                          \
+    if (moe_nccl_rc_ != ncclSuccess && moe_nccl_rc_ != ncclInProgress)                           \
+      fail(std::string(what) + " failed: " + ncclGetErrorString(moe_nccl_rc_) + " (" #expr ")"); \
   } while (0)
 
-#define MOE_CUDA_CALL(expr, what)                                                                   \
-  do {                                                                                              \
-    cudaError_t moe_cuda_rc_ = (expr);                                                              \
-    if (moe_cuda_rc_ != cudaSuccess)                                                                \
-      MOE_THROW(CommError, what << " failed: " << cudaGetErrorString(moe_cuda_rc_) << " (" #expr ")"); \
+#define MOE_CUDA_CALL(expr, what)                                                           \
+  do {                                                                                      \
+    cudaError_t moe_cuda_rc_ = (expr);                                                      \
+    if (moe_cuda_rc_ != cudaSuccess)                                                        \
+      MOE_THROW(CommError,                                                                  \
+                what << " failed: " << cudaGetErrorString(moe_cuda_rc_) << " (" #expr ")"); \
   } while (0)
 
 ncclConfig_t nonblocking_config() {
@@ -70,7 +80,8 @@ std::unique_ptr<NcclComm> NcclComm::create(Communicator& bootstrap, int device, 
   torch::Tensor id_bytes = torch::zeros({static_cast<int64_t>(sizeof id)}, torch::kUInt8);
   if (bootstrap.rank() == 0) {
     ncclResult_t rc = ncclGetUniqueId(&id);
-    if (rc != ncclSuccess) MOE_THROW(CommError, "ncclGetUniqueId failed: " << ncclGetErrorString(rc));
+    if (rc != ncclSuccess)
+      MOE_THROW(CommError, "ncclGetUniqueId failed: " << ncclGetErrorString(rc));
     std::memcpy(id_bytes.data_ptr(), &id, sizeof id);
   }
   bootstrap.broadcast(id_bytes, 0);
@@ -79,7 +90,8 @@ std::unique_ptr<NcclComm> NcclComm::create(Communicator& bootstrap, int device, 
   ncclConfig_t config = nonblocking_config();
   ncclResult_t rc = ncclCommInitRankConfig(&comm, bootstrap.size(), id, bootstrap.rank(), &config);
   if (rc != ncclSuccess && rc != ncclInProgress)
-    MOE_THROW(CommError, "ncclCommInitRankConfig failed on rank " << bootstrap.rank() << ": " << ncclGetErrorString(rc));
+    MOE_THROW(CommError, "ncclCommInitRankConfig failed on rank " << bootstrap.rank() << ": "
+                                                                  << ncclGetErrorString(rc));
   std::unique_ptr<NcclComm> out(new NcclComm(comm, device, timeout_s));
   out->wait_ready("ncclCommInitRankConfig");
   ncclCommUserRank(comm, &out->rank_);
@@ -110,11 +122,13 @@ void NcclComm::fail(const std::string& reason) {
 
 void NcclComm::check_device(const torch::Tensor& t, const char* op, const char* arg) const {
   MOE_CHECK_T(ShapeError, t.device().is_cuda() && t.device().index() == device_,
-              op << ": " << arg << " is on " << t.device() << " but the NCCL communicator uses cuda:" << device_);
+              op << ": " << arg << " is on " << t.device()
+                 << " but the NCCL communicator uses cuda:" << device_);
 }
 
 void NcclComm::wait_ready(const char* what) {
-  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(timeout_s_));
   for (;;) {
     ncclResult_t state = ncclSuccess;
     ncclCommGetAsyncError(nc(comm_), &state);
@@ -135,7 +149,8 @@ void NcclComm::wait(const char* op, uint64_t seq) {
   cudaEvent_t done;
   MOE_CUDA_CALL(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
   MOE_CUDA_CALL(cudaEventRecord(done, stream), "cudaEventRecord");
-  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
+  auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     std::chrono::duration<double>(timeout_s_));
   for (;;) {
     cudaError_t q = cudaEventQuery(done);
     if (q == cudaSuccess) break;
@@ -152,8 +167,8 @@ void NcclComm::wait(const char* op, uint64_t seq) {
     if (Clock::now() > deadline) {
       cudaEventDestroy(done);
       std::ostringstream why;
-      why << op << " #" << seq << " did not complete within " << timeout_s_ << " s on rank " << rank_
-          << ": a peer is stalled, dead, or in a different collective";
+      why << op << " #" << seq << " did not complete within " << timeout_s_ << " s on rank "
+          << rank_ << ": a peer is stalled, dead, or in a different collective";
       fail(why.str());
     }
     std::this_thread::yield();
@@ -162,7 +177,8 @@ void NcclComm::wait(const char* op, uint64_t seq) {
 }
 
 void NcclComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                               const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) {
+                               const std::vector<int64_t>& recv_rows, torch::Tensor& out,
+                               const char* op) {
   MOE_CHECK_T(CommError, !aborted_, op << " refused: this NCCL communicator was aborted");
   const uint64_t seq = ++seq_;
   const int64_t rb = row_bytes(input);
@@ -194,9 +210,11 @@ void NcclComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int
   MOE_NCCL_CALL(ncclGroupStart(), op);
   for (int p = 0; p < size_; ++p) {
     if (send_rows[p] > 0)
-      MOE_NCCL_CALL(ncclSend(src + soff * rb, send_rows[p] * rb, ncclUint8, p, nc(comm_), stream), op);
+      MOE_NCCL_CALL(ncclSend(src + soff * rb, send_rows[p] * rb, ncclUint8, p, nc(comm_), stream),
+                    op);
     if (recv_rows[p] > 0)
-      MOE_NCCL_CALL(ncclRecv(dst + roff * rb, recv_rows[p] * rb, ncclUint8, p, nc(comm_), stream), op);
+      MOE_NCCL_CALL(ncclRecv(dst + roff * rb, recv_rows[p] * rb, ncclUint8, p, nc(comm_), stream),
+                    op);
     soff += send_rows[p];
     roff += recv_rows[p];
   }
@@ -209,9 +227,10 @@ void NcclComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
   const uint64_t seq = ++seq_;
   ncclRedOp_t nop = op == ReduceOp::Max ? ncclMax : op == ReduceOp::Avg ? ncclAvg : ncclSum;
   if (op == ReduceOp::Avg && !tensor.is_floating_point()) nop = ncclSum;
-  MOE_NCCL_CALL(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), nccl_type(tensor.scalar_type()),
-                              nop, nc(comm_), current_stream(device_)),
-                "all_reduce");
+  MOE_NCCL_CALL(
+      ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
+                    nccl_type(tensor.scalar_type()), nop, nc(comm_), current_stream(device_)),
+      "all_reduce");
   wait("all_reduce", seq);
   if (op == ReduceOp::Avg && !tensor.is_floating_point()) tensor.copy_(tensor.div(size_, "floor"));
 }
@@ -222,9 +241,10 @@ torch::Tensor NcclComm::do_all_gather(const torch::Tensor& tensor) {
   std::vector<int64_t> shape = tensor.sizes().vec();
   shape[0] *= size_;
   torch::Tensor out = torch::empty(shape, tensor.options());
-  MOE_NCCL_CALL(ncclAllGather(tensor.data_ptr(), out.data_ptr(), tensor.numel() * tensor.element_size(), ncclUint8,
-                              nc(comm_), current_stream(device_)),
-                "all_gather");
+  MOE_NCCL_CALL(
+      ncclAllGather(tensor.data_ptr(), out.data_ptr(), tensor.numel() * tensor.element_size(),
+                    ncclUint8, nc(comm_), current_stream(device_)),
+      "all_gather");
   wait("all_gather", seq);
   return out;
 }
@@ -232,14 +252,16 @@ torch::Tensor NcclComm::do_all_gather(const torch::Tensor& tensor) {
 void NcclComm::do_broadcast(torch::Tensor& tensor, int root) {
   MOE_CHECK_T(CommError, !aborted_, "broadcast refused: this NCCL communicator was aborted");
   const uint64_t seq = ++seq_;
-  MOE_NCCL_CALL(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel() * tensor.element_size(),
-                              ncclUint8, root, nc(comm_), current_stream(device_)),
-                "broadcast");
+  MOE_NCCL_CALL(
+      ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel() * tensor.element_size(),
+                    ncclUint8, root, nc(comm_), current_stream(device_)),
+      "broadcast");
   wait("broadcast", seq);
 }
 
 void NcclComm::do_barrier() {
-  torch::Tensor one = torch::ones({1}, torch::TensorOptions().dtype(torch::kInt32).device(torch::kCUDA, device_));
+  torch::Tensor one =
+      torch::ones({1}, torch::TensorOptions().dtype(torch::kInt32).device(torch::kCUDA, device_));
   do_all_reduce(one, ReduceOp::Sum);
 }
 

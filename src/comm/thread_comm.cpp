@@ -49,31 +49,36 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 Clock::time_point deadline_after(double seconds) {
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  return Clock::now() +
+         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
 }
 }  // namespace
 
 std::vector<std::unique_ptr<ThreadComm>> ThreadComm::create_world(int n, double timeout_s) {
-  MOE_CHECK_T(ConfigError, n >= 1 && n <= 4096, "thread world size " << n << " must be in [1, 4096]");
+  MOE_CHECK_T(ConfigError, n >= 1 && n <= 4096,
+              "thread world size " << n << " must be in [1, 4096]");
   auto world = std::make_shared<ThreadWorld>();
   world->exited.assign(n, false);
   auto group = std::make_shared<ThreadGroup>();
   group->slots.resize(n);
   for (int i = 0; i < n; ++i) group->world_ranks.push_back(i);
   std::vector<std::unique_ptr<ThreadComm>> comms;
-  for (int i = 0; i < n; ++i) comms.push_back(std::make_unique<ThreadComm>(world, group, i, timeout_s));
+  for (int i = 0; i < n; ++i)
+    comms.push_back(std::make_unique<ThreadComm>(world, group, i, timeout_s));
   return comms;
 }
 
-ThreadComm::ThreadComm(std::shared_ptr<ThreadWorld> world, std::shared_ptr<ThreadGroup> group, int rank,
-                       double timeout_s)
+ThreadComm::ThreadComm(std::shared_ptr<ThreadWorld> world, std::shared_ptr<ThreadGroup> group,
+                       int rank, double timeout_s)
     : world_(std::move(world)), group_(std::move(group)), rank_(rank) {
   set_timeout_s(timeout_s);
 }
 
 ThreadComm::~ThreadComm() = default;
 
-int ThreadComm::size() const { return static_cast<int>(group_->world_ranks.size()); }
+int ThreadComm::size() const {
+  return static_cast<int>(group_->world_ranks.size());
+}
 
 void ThreadComm::abort(const std::string& reason) {
   std::lock_guard<std::mutex> lock(world_->mu);
@@ -100,7 +105,8 @@ uint64_t ThreadComm::arrive(Post post) {
   const char* op = post.op;
   std::unique_lock<std::mutex> lock(world_->mu);
   if (world_->aborted)
-    MOE_THROW(CommError, op << " #" << seq << " refused: the world was aborted: " << world_->abort_reason);
+    MOE_THROW(CommError,
+              op << " #" << seq << " refused: the world was aborted: " << world_->abort_reason);
   auto* owned = new Post(std::move(post));
   auto& me = group_->slots[rank_];
   delete me.post;  // the previous collective's post: every peer departed from it
@@ -127,8 +133,8 @@ uint64_t ThreadComm::arrive(Post post) {
   if (!ok || missing >= 0) {
     int peer = group_->world_ranks[missing];
     if (world_->exited[peer])
-      why << "rank " << peer << " returned without reaching " << op << " #" << seq << " (detected by rank "
-          << group_->world_ranks[rank_] << ")";
+      why << "rank " << peer << " returned without reaching " << op << " #" << seq
+          << " (detected by rank " << group_->world_ranks[rank_] << ")";
     else
       why << "rank " << peer << " did not reach " << op << " #" << seq << " within " << timeout_s_
           << " s (detected by rank " << group_->world_ranks[rank_] << ")";
@@ -162,18 +168,20 @@ void ThreadComm::depart(uint64_t seq, const char* op) {
     return true;
   };
   bool ok = world_->cv.wait_until(lock, deadline_after(timeout_s_), all_departed);
-  if (world_->aborted) MOE_THROW(CommError, op << " #" << seq << " aborted: " << world_->abort_reason);
+  if (world_->aborted)
+    MOE_THROW(CommError, op << " #" << seq << " aborted: " << world_->abort_reason);
   if (!ok) {
     std::ostringstream why;
-    why << "rank " << group_->world_ranks[missing] << " did not finish " << op << " #" << seq << " within "
-        << timeout_s_ << " s (detected by rank " << group_->world_ranks[rank_] << ")";
+    why << "rank " << group_->world_ranks[missing] << " did not finish " << op << " #" << seq
+        << " within " << timeout_s_ << " s (detected by rank " << group_->world_ranks[rank_] << ")";
     lock.unlock();
     fail(why.str());
   }
 }
 
 void ThreadComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                                 const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) {
+                                 const std::vector<int64_t>& recv_rows, torch::Tensor& out,
+                                 const char* op) {
   Post post;
   post.op = op;
   post.tensor = input;
@@ -187,17 +195,20 @@ void ThreadComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<i
   for (int src = 0; src < n; ++src) {
     const Post* p = group_->slots[src].post;
     const int64_t sent = p->send_rows[rank_];
-    if (sent != recv_rows[src] || row_bytes(p->tensor) != rb || p->tensor.scalar_type() != input.scalar_type()) {
+    if (sent != recv_rows[src] || row_bytes(p->tensor) != rb ||
+        p->tensor.scalar_type() != input.scalar_type()) {
       std::ostringstream why;
       why << "rank " << group_->world_ranks[src] << " sent " << sent << " rows of shape "
           << shape_str(p->tensor.slice(0, 0, 1)) << " " << p->tensor.scalar_type() << " to rank "
-          << group_->world_ranks[rank_] << ", which expected " << recv_rows[src] << " rows of shape "
-          << shape_str(input.slice(0, 0, 1)) << " " << input.scalar_type() << " (" << op << " #" << seq << ")";
+          << group_->world_ranks[rank_] << ", which expected " << recv_rows[src]
+          << " rows of shape " << shape_str(input.slice(0, 0, 1)) << " " << input.scalar_type()
+          << " (" << op << " #" << seq << ")";
       fail(why.str());
     }
     int64_t offset = 0;
     for (int j = 0; j < rank_; ++j) offset += p->send_rows[j];
-    if (sent > 0) std::memcpy(dst, static_cast<const char*>(p->tensor.data_ptr()) + offset * rb, sent * rb);
+    if (sent > 0)
+      std::memcpy(dst, static_cast<const char*>(p->tensor.data_ptr()) + offset * rb, sent * rb);
     dst += sent * rb;
   }
   depart(seq, op);
@@ -212,18 +223,20 @@ void ThreadComm::do_all_reduce(torch::Tensor& tensor, ReduceOp reduce) {
   const int n = size();
   for (int src = 0; src < n; ++src) {
     const Post* p = group_->slots[src].post;
-    if (!p->tensor.sizes().equals(tensor.sizes()) || p->tensor.scalar_type() != tensor.scalar_type() ||
-        p->reduce != reduce) {
+    if (!p->tensor.sizes().equals(tensor.sizes()) ||
+        p->tensor.scalar_type() != tensor.scalar_type() || p->reduce != reduce) {
       std::ostringstream why;
       why << "rank " << group_->world_ranks[src] << " sent shape " << shape_str(p->tensor) << " "
           << p->tensor.scalar_type() << " (" << reduce_op_name(p->reduce) << "), rank "
-          << group_->world_ranks[rank_] << " expected " << shape_str(tensor) << " " << tensor.scalar_type() << " ("
-          << reduce_op_name(reduce) << ") (all_reduce #" << seq << ")";
+          << group_->world_ranks[rank_] << " expected " << shape_str(tensor) << " "
+          << tensor.scalar_type() << " (" << reduce_op_name(reduce) << ") (all_reduce #" << seq
+          << ")";
       fail(why.str());
     }
   }
   // Every rank reduces in rank order with the same arithmetic: identical bits everywhere.
-  const bool low_precision = tensor.scalar_type() == torch::kBFloat16 || tensor.scalar_type() == torch::kFloat16;
+  const bool low_precision =
+      tensor.scalar_type() == torch::kBFloat16 || tensor.scalar_type() == torch::kFloat16;
   auto acc_of = [&](int src) {
     const torch::Tensor& t = group_->slots[src].post->tensor;
     return low_precision ? t.to(torch::kFloat32) : t;
@@ -253,7 +266,8 @@ torch::Tensor ThreadComm::do_all_gather(const torch::Tensor& tensor) {
   std::vector<torch::Tensor> parts;
   for (int src = 0; src < size(); ++src) {
     const Post* p = group_->slots[src].post;
-    if (!p->tensor.sizes().equals(tensor.sizes()) || p->tensor.scalar_type() != tensor.scalar_type()) {
+    if (!p->tensor.sizes().equals(tensor.sizes()) ||
+        p->tensor.scalar_type() != tensor.scalar_type()) {
       std::ostringstream why;
       why << "rank " << group_->world_ranks[src] << " sent shape " << shape_str(p->tensor) << " "
           << p->tensor.scalar_type() << ", rank " << group_->world_ranks[rank_] << " expected "
@@ -283,11 +297,12 @@ void ThreadComm::do_broadcast(torch::Tensor& tensor, int root) {
       fail(why.str());
     }
   }
-  if (!r->tensor.sizes().equals(tensor.sizes()) || r->tensor.scalar_type() != tensor.scalar_type()) {
+  if (!r->tensor.sizes().equals(tensor.sizes()) ||
+      r->tensor.scalar_type() != tensor.scalar_type()) {
     std::ostringstream why;
-    why << "root rank " << group_->world_ranks[root] << " sent shape " << shape_str(r->tensor) << " "
-        << r->tensor.scalar_type() << ", rank " << group_->world_ranks[rank_] << " expected " << shape_str(tensor)
-        << " " << tensor.scalar_type() << " (broadcast #" << seq << ")";
+    why << "root rank " << group_->world_ranks[root] << " sent shape " << shape_str(r->tensor)
+        << " " << r->tensor.scalar_type() << ", rank " << group_->world_ranks[rank_] << " expected "
+        << shape_str(tensor) << " " << tensor.scalar_type() << " (broadcast #" << seq << ")";
     fail(why.str());
   }
   if (rank_ != root) tensor.copy_(r->tensor);

@@ -80,8 +80,8 @@ Field int_field(const char* section, const char* key, SectionOf<S> sec, int64_t 
   Field f;
   Config defaults;
   std::ostringstream allowed;
-  allowed << "integer in [" << lo << ", " << (hi == kIntMax ? std::string("inf") : std::to_string(hi))
-          << "]";
+  allowed << "integer in [" << lo << ", "
+          << (hi == kIntMax ? std::string("inf") : std::to_string(hi)) << "]";
   f.info = {section, key, "int", std::to_string(defaults.*sec.*m), allowed.str(), doc};
   std::string name = std::string(section) + "." + key;
   f.parse = [=](Config& c, const YAML::Node& n, const Origin& o) {
@@ -94,12 +94,15 @@ Field int_field(const char* section, const char* key, SectionOf<S> sec, int64_t 
                                   << o.where(name, n) << ")");
     c.*sec.*m = v;
   };
-  f.emit = [=](const Config& c, YAML::Emitter& e) { e << YAML::Key << key << YAML::Value << (c.*sec.*m); };
+  f.emit = [=](const Config& c, YAML::Emitter& e) {
+    e << YAML::Key << key << YAML::Value << (c.*sec.*m);
+  };
   f.equal = [=](const Config& a, const Config& b) { return a.*sec.*m == b.*sec.*m; };
   std::string allowed_s = allowed.str();
   f.check = [=](const Config& c) {
     int64_t v = c.*sec.*m;
-    if (v < lo || v > hi) MOE_THROW(ConfigError, name << " = " << v << " is out of range: allowed " << allowed_s);
+    if (v < lo || v > hi)
+      MOE_THROW(ConfigError, name << " = " << v << " is out of range: allowed " << allowed_s);
   };
   return f;
 }
@@ -137,13 +140,16 @@ Field float_field(const char* section, const char* key, SectionOf<S> sec, double
   f.check = [=](const Config& c) {
     double v = c.*sec.*m;
     bool bad = std::isnan(v) || v < lo || v > hi || (lo_open && v == lo) || std::isinf(v);
-    if (bad) MOE_THROW(ConfigError, name << " = " << shortest_double(v) << " is out of range: allowed " << allowed_s);
+    if (bad)
+      MOE_THROW(ConfigError,
+                name << " = " << shortest_double(v) << " is out of range: allowed " << allowed_s);
   };
   return f;
 }
 
 template <typename S>
-Field bool_field(const char* section, const char* key, SectionOf<S> sec, bool S::*m, const char* doc) {
+Field bool_field(const char* section, const char* key, SectionOf<S> sec, bool S::*m,
+                 const char* doc) {
   Field f;
   Config defaults;
   f.info = {section, key, "bool", (defaults.*sec.*m) ? "true" : "false", "true or false", doc};
@@ -207,15 +213,16 @@ Field int_list_field(const char* section, const char* key, SectionOf<S> sec,
   Config defaults;
   std::ostringstream def;
   def << "[";
-  for (size_t i = 0; i < (defaults.*sec.*m).size(); ++i) def << (i ? ", " : "") << (defaults.*sec.*m)[i];
+  for (size_t i = 0; i < (defaults.*sec.*m).size(); ++i)
+    def << (i ? ", " : "") << (defaults.*sec.*m)[i];
   def << "]";
   std::string allowed = "non-empty list of integers >= " + std::to_string(lo);
   f.info = {section, key, "list[int]", def.str(), allowed, doc};
   std::string name = std::string(section) + "." + key;
   f.parse = [=](Config& c, const YAML::Node& n, const Origin& o) {
     if (!n.IsSequence())
-      MOE_THROW(ConfigError, name << ": expected a list of integers like [1, 2], got " << scalar_text(n)
-                                  << " (" << o.where(name, n) << ")");
+      MOE_THROW(ConfigError, name << ": expected a list of integers like [1, 2], got "
+                                  << scalar_text(n) << " (" << o.where(name, n) << ")");
     std::vector<int64_t> out;
     for (size_t i = 0; i < n.size(); ++i) {
       const YAML::Node& item = n[i];
@@ -224,8 +231,8 @@ Field int_list_field(const char* section, const char* key, SectionOf<S> sec,
       errno = 0;
       long long v = s.empty() ? 0 : std::strtoll(s.c_str(), &end, 10);
       if (!item.IsScalar() || s.empty() || *end != '\0' || errno == ERANGE)
-        MOE_THROW(ConfigError, name << "[" << i << "]: expected an integer, got " << scalar_text(item)
-                                    << " (" << o.where(name, item) << ")");
+        MOE_THROW(ConfigError, name << "[" << i << "]: expected an integer, got "
+                                    << scalar_text(item) << " (" << o.where(name, item) << ")");
       out.push_back(v);
     }
     c.*sec.*m = out;
@@ -239,13 +246,15 @@ Field int_list_field(const char* section, const char* key, SectionOf<S> sec,
     if (v.empty()) MOE_THROW(ConfigError, name << " is empty: allowed " << allowed);
     for (size_t i = 0; i < v.size(); ++i)
       if (v[i] < lo)
-        MOE_THROW(ConfigError, name << "[" << i << "] = " << v[i] << " is out of range: allowed " << allowed);
+        MOE_THROW(ConfigError,
+                  name << "[" << i << "] = " << v[i] << " is out of range: allowed " << allowed);
   };
   return f;
 }
 
 const std::vector<std::string>& section_names() {
-  static const std::vector<std::string> names = {"model", "moe", "parallel", "train", "data", "bench", "sweep"};
+  static const std::vector<std::string> names = {"model", "moe",   "parallel", "train",
+                                                 "data",  "bench", "sweep"};
   return names;
 }
 
@@ -254,72 +263,144 @@ const std::vector<Field>& schema() {
     using C = Config;
     std::vector<Field> v;
     // model
-    v.push_back(int_field("model", "vocab", &C::model, &ModelConfig::vocab, 2, 1 << 24, "vocabulary size (256 for byte-level text)"));
-    v.push_back(int_field("model", "d_model", &C::model, &ModelConfig::d_model, 1, 1 << 20, "hidden size"));
-    v.push_back(int_field("model", "layers", &C::model, &ModelConfig::layers, 1, 1024, "transformer blocks"));
-    v.push_back(int_field("model", "heads", &C::model, &ModelConfig::heads, 1, 1024, "attention heads (d_model must divide by heads)"));
-    v.push_back(int_field("model", "d_ff", &C::model, &ModelConfig::d_ff, 1, 1 << 22, "hidden size of dense (non-MoE) FFN blocks"));
-    v.push_back(int_field("model", "seq_len", &C::model, &ModelConfig::seq_len, 1, 1 << 20, "tokens per training sequence"));
-    v.push_back(int_field("model", "moe_every", &C::model, &ModelConfig::moe_every, 1, 1024, "every N-th block's FFN is an MoE layer (1 = all)"));
-    v.push_back(bool_field("model", "dense", &C::model, &ModelConfig::dense, "dense twin: every block dense with the same active parameters per token"));
-    v.push_back(bool_field("model", "tie_embeddings", &C::model, &ModelConfig::tie_embeddings, "share input embedding and output head"));
-    v.push_back(float_field("model", "norm_eps", &C::model, &ModelConfig::norm_eps, 0.0, 1.0, true, "RMSNorm epsilon"));
-    v.push_back(float_field("model", "rope_theta", &C::model, &ModelConfig::rope_theta, 1.0, 1e9, false, "rotary position base"));
+    v.push_back(int_field("model", "vocab", &C::model, &ModelConfig::vocab, 2, 1 << 24,
+                          "vocabulary size (256 for byte-level text)"));
+    v.push_back(
+        int_field("model", "d_model", &C::model, &ModelConfig::d_model, 1, 1 << 20, "hidden size"));
+    v.push_back(int_field("model", "layers", &C::model, &ModelConfig::layers, 1, 1024,
+                          "transformer blocks"));
+    v.push_back(int_field("model", "heads", &C::model, &ModelConfig::heads, 1, 1024,
+                          "attention heads (d_model must divide by heads)"));
+    v.push_back(int_field("model", "d_ff", &C::model, &ModelConfig::d_ff, 1, 1 << 22,
+                          "hidden size of dense (non-MoE) FFN blocks"));
+    v.push_back(int_field("model", "seq_len", &C::model, &ModelConfig::seq_len, 1, 1 << 20,
+                          "tokens per training sequence"));
+    v.push_back(int_field("model", "moe_every", &C::model, &ModelConfig::moe_every, 1, 1024,
+                          "every N-th block's FFN is an MoE layer (1 = all)"));
+    v.push_back(
+        bool_field("model", "dense", &C::model, &ModelConfig::dense,
+                   "dense twin: every block dense with the same active parameters per token"));
+    v.push_back(bool_field("model", "tie_embeddings", &C::model, &ModelConfig::tie_embeddings,
+                           "share input embedding and output head"));
+    v.push_back(float_field("model", "norm_eps", &C::model, &ModelConfig::norm_eps, 0.0, 1.0, true,
+                            "RMSNorm epsilon"));
+    v.push_back(float_field("model", "rope_theta", &C::model, &ModelConfig::rope_theta, 1.0, 1e9,
+                            false, "rotary position base"));
     // moe
-    v.push_back(int_field("moe", "experts", &C::moe, &MoeConfig::experts, 1, 65536, "routed experts per MoE layer (global)"));
-    v.push_back(int_field("moe", "top_k", &C::moe, &MoeConfig::top_k, 1, 65536, "experts chosen per token (<= experts)"));
-    v.push_back(int_field("moe", "d_expert", &C::moe, &MoeConfig::d_expert, 1, 1 << 22, "hidden size of each expert MLP"));
-    v.push_back(string_field("moe", "activation", &C::moe, &MoeConfig::activation, {"swiglu", "gelu"}, "expert MLP: SwiGLU (gate/up/down) or GELU (up/down)"));
-    v.push_back(string_field("moe", "score_fn", &C::moe, &MoeConfig::score_fn, {"softmax", "sigmoid"}, "router score function"));
-    v.push_back(float_field("moe", "temperature", &C::moe, &MoeConfig::temperature, 0.0, 1e6, true, "router logits are divided by this before scoring"));
-    v.push_back(float_field("moe", "capacity_factor", &C::moe, &MoeConfig::capacity_factor, 0.0, 1024.0, false, "capacity C = max(min_capacity, ceil(cf*T*k/E)); 0 = dropless"));
-    v.push_back(int_field("moe", "min_capacity", &C::moe, &MoeConfig::min_capacity, 0, kIntMax, "lower bound of the per-expert capacity"));
-    v.push_back(string_field("moe", "drop_policy", &C::moe, &MoeConfig::drop_policy, {"position", "probability"}, "which over-capacity tokens are dropped: later positions, or lower gate probability"));
-    v.push_back(float_field("moe", "aux_loss_coef", &C::moe, &MoeConfig::aux_loss_coef, 0.0, 1e3, false, "Switch load-balance loss weight (alpha)"));
-    v.push_back(float_field("moe", "z_loss_coef", &C::moe, &MoeConfig::z_loss_coef, 0.0, 1e3, false, "router z-loss weight (beta)"));
-    v.push_back(string_field("moe", "aux_loss_scope", &C::moe, &MoeConfig::aux_loss_scope, {"global", "local"}, "load-balance statistics over the EP group's tokens or this rank's"));
-    v.push_back(int_field("moe", "shared_experts", &C::moe, &MoeConfig::shared_experts, 0, 64, "always-on shared experts (each of size d_expert)"));
-    v.push_back(bool_field("moe", "renormalize", &C::moe, &MoeConfig::renormalize, "renormalise the kept top-k gate weights to sum to 1"));
-    v.push_back(float_field("moe", "router_noise_std", &C::moe, &MoeConfig::router_noise_std, 0.0, 1e3, false, "noisy top-k: std of Gaussian noise on logits (training only)"));
-    v.push_back(float_field("moe", "router_jitter", &C::moe, &MoeConfig::router_jitter, 0.0, 0.99, false, "input jitter: multiply router input by U(1-j, 1+j) (training only)"));
-    v.push_back(int_field("moe", "n_groups", &C::moe, &MoeConfig::n_groups, 1, 65536, "group-limited routing: experts split into this many groups"));
-    v.push_back(int_field("moe", "topk_groups", &C::moe, &MoeConfig::topk_groups, 1, 65536, "group-limited routing: tokens choose experts from this many best groups"));
-    v.push_back(float_field("moe", "bias_update_rate", &C::moe, &MoeConfig::bias_update_rate, 0.0, 1.0, false, "aux-loss-free balancing bias step (0 = off)"));
+    v.push_back(int_field("moe", "experts", &C::moe, &MoeConfig::experts, 1, 65536,
+                          "routed experts per MoE layer (global)"));
+    v.push_back(int_field("moe", "top_k", &C::moe, &MoeConfig::top_k, 1, 65536,
+                          "experts chosen per token (<= experts)"));
+    v.push_back(int_field("moe", "d_expert", &C::moe, &MoeConfig::d_expert, 1, 1 << 22,
+                          "hidden size of each expert MLP"));
+    v.push_back(string_field("moe", "activation", &C::moe, &MoeConfig::activation,
+                             {"swiglu", "gelu"},
+                             "expert MLP: SwiGLU (gate/up/down) or GELU (up/down)"));
+    v.push_back(string_field("moe", "score_fn", &C::moe, &MoeConfig::score_fn,
+                             {"softmax", "sigmoid"}, "router score function"));
+    v.push_back(float_field("moe", "temperature", &C::moe, &MoeConfig::temperature, 0.0, 1e6, true,
+                            "router logits are divided by this before scoring"));
+    v.push_back(float_field("moe", "capacity_factor", &C::moe, &MoeConfig::capacity_factor, 0.0,
+                            1024.0, false,
+                            "capacity C = max(min_capacity, ceil(cf*T*k/E)); 0 = dropless"));
+    v.push_back(int_field("moe", "min_capacity", &C::moe, &MoeConfig::min_capacity, 0, kIntMax,
+                          "lower bound of the per-expert capacity"));
+    v.push_back(string_field(
+        "moe", "drop_policy", &C::moe, &MoeConfig::drop_policy, {"position", "probability"},
+        "which over-capacity tokens are dropped: later positions, or lower gate probability"));
+    v.push_back(float_field("moe", "aux_loss_coef", &C::moe, &MoeConfig::aux_loss_coef, 0.0, 1e3,
+                            false, "Switch load-balance loss weight (alpha)"));
+    v.push_back(float_field("moe", "z_loss_coef", &C::moe, &MoeConfig::z_loss_coef, 0.0, 1e3, false,
+                            "router z-loss weight (beta)"));
+    v.push_back(string_field("moe", "aux_loss_scope", &C::moe, &MoeConfig::aux_loss_scope,
+                             {"global", "local"},
+                             "load-balance statistics over the EP group's tokens or this rank's"));
+    v.push_back(int_field("moe", "shared_experts", &C::moe, &MoeConfig::shared_experts, 0, 64,
+                          "always-on shared experts (each of size d_expert)"));
+    v.push_back(bool_field("moe", "renormalize", &C::moe, &MoeConfig::renormalize,
+                           "renormalise the kept top-k gate weights to sum to 1"));
+    v.push_back(float_field("moe", "router_noise_std", &C::moe, &MoeConfig::router_noise_std, 0.0,
+                            1e3, false,
+                            "noisy top-k: std of Gaussian noise on logits (training only)"));
+    v.push_back(float_field("moe", "router_jitter", &C::moe, &MoeConfig::router_jitter, 0.0, 0.99,
+                            false,
+                            "input jitter: multiply router input by U(1-j, 1+j) (training only)"));
+    v.push_back(int_field("moe", "n_groups", &C::moe, &MoeConfig::n_groups, 1, 65536,
+                          "group-limited routing: experts split into this many groups"));
+    v.push_back(
+        int_field("moe", "topk_groups", &C::moe, &MoeConfig::topk_groups, 1, 65536,
+                  "group-limited routing: tokens choose experts from this many best groups"));
+    v.push_back(float_field("moe", "bias_update_rate", &C::moe, &MoeConfig::bias_update_rate, 0.0,
+                            1.0, false, "aux-loss-free balancing bias step (0 = off)"));
     // parallel
-    v.push_back(string_field("parallel", "backend", &C::parallel, &ParallelConfig::backend, {"auto", "thread", "mpi", "nccl"}, "communication backend; auto = mpi under mpirun, else thread"));
-    v.push_back(int_field("parallel", "ranks", &C::parallel, &ParallelConfig::ranks, 0, 1 << 20, "world size; 0 = from the launcher (--ranks N or mpirun -np N)"));
-    v.push_back(int_field("parallel", "ep", &C::parallel, &ParallelConfig::ep, 0, 1 << 20, "expert-parallel size; 0 = world / dp"));
-    v.push_back(int_field("parallel", "dp", &C::parallel, &ParallelConfig::dp, 0, 1 << 20, "data-parallel replicas of each expert; 0 = world / ep"));
-    v.push_back(float_field("parallel", "timeout_s", &C::parallel, &ParallelConfig::timeout_s, 0.0, 86400.0, true, "every collective fails with CommError after this many seconds"));
-    v.push_back(float_field("parallel", "grad_bucket_mb", &C::parallel, &ParallelConfig::grad_bucket_mb, 0.0, 4096.0, true, "gradient all-reduce bucket size (MiB)"));
+    v.push_back(string_field("parallel", "backend", &C::parallel, &ParallelConfig::backend,
+                             {"auto", "thread", "mpi", "nccl"},
+                             "communication backend; auto = mpi under mpirun, else thread"));
+    v.push_back(int_field("parallel", "ranks", &C::parallel, &ParallelConfig::ranks, 0, 1 << 20,
+                          "world size; 0 = from the launcher (--ranks N or mpirun -np N)"));
+    v.push_back(int_field("parallel", "ep", &C::parallel, &ParallelConfig::ep, 0, 1 << 20,
+                          "expert-parallel size; 0 = world / dp"));
+    v.push_back(int_field("parallel", "dp", &C::parallel, &ParallelConfig::dp, 0, 1 << 20,
+                          "data-parallel replicas of each expert; 0 = world / ep"));
+    v.push_back(float_field("parallel", "timeout_s", &C::parallel, &ParallelConfig::timeout_s, 0.0,
+                            86400.0, true,
+                            "every collective fails with CommError after this many seconds"));
+    v.push_back(float_field("parallel", "grad_bucket_mb", &C::parallel,
+                            &ParallelConfig::grad_bucket_mb, 0.0, 4096.0, true,
+                            "gradient all-reduce bucket size (MiB)"));
     // train
-    v.push_back(int_field("train", "steps", &C::train, &TrainConfig::steps, 1, kIntMax, "optimizer steps"));
-    v.push_back(int_field("train", "batch", &C::train, &TrainConfig::batch, 1, 1 << 20, "sequences per rank per micro-batch"));
-    v.push_back(int_field("train", "grad_accum", &C::train, &TrainConfig::grad_accum, 1, 1 << 16, "micro-batches accumulated per optimizer step"));
-    v.push_back(float_field("train", "lr", &C::train, &TrainConfig::lr, 0.0, 10.0, true, "peak learning rate (AdamW)"));
-    v.push_back(float_field("train", "min_lr_ratio", &C::train, &TrainConfig::min_lr_ratio, 0.0, 1.0, false, "final lr = lr * min_lr_ratio"));
-    v.push_back(int_field("train", "warmup", &C::train, &TrainConfig::warmup, 0, kIntMax, "linear warmup steps"));
-    v.push_back(string_field("train", "schedule", &C::train, &TrainConfig::schedule, {"cosine", "linear", "constant"}, "lr decay after warmup"));
-    v.push_back(float_field("train", "weight_decay", &C::train, &TrainConfig::weight_decay, 0.0, 10.0, false, "AdamW weight decay"));
-    v.push_back(float_field("train", "beta1", &C::train, &TrainConfig::beta1, 0.0, 0.999999, false, "AdamW beta1"));
-    v.push_back(float_field("train", "beta2", &C::train, &TrainConfig::beta2, 0.0, 0.999999, false, "AdamW beta2"));
-    v.push_back(float_field("train", "clip", &C::train, &TrainConfig::clip, 0.0, 1e6, false, "global gradient-norm clip (0 = off)"));
-    v.push_back(int_field("train", "seed", &C::train, &TrainConfig::seed, 0, kIntMax, "seed for initialisation and data"));
-    v.push_back(int_field("train", "log_every", &C::train, &TrainConfig::log_every, 1, kIntMax, "progress line every N steps"));
-    v.push_back(int_field("train", "ckpt_every", &C::train, &TrainConfig::ckpt_every, 0, kIntMax, "checkpoint every N steps (0 = only at the end)"));
+    v.push_back(
+        int_field("train", "steps", &C::train, &TrainConfig::steps, 1, kIntMax, "optimizer steps"));
+    v.push_back(int_field("train", "batch", &C::train, &TrainConfig::batch, 1, 1 << 20,
+                          "sequences per rank per micro-batch"));
+    v.push_back(int_field("train", "grad_accum", &C::train, &TrainConfig::grad_accum, 1, 1 << 16,
+                          "micro-batches accumulated per optimizer step"));
+    v.push_back(float_field("train", "lr", &C::train, &TrainConfig::lr, 0.0, 10.0, true,
+                            "peak learning rate (AdamW)"));
+    v.push_back(float_field("train", "min_lr_ratio", &C::train, &TrainConfig::min_lr_ratio, 0.0,
+                            1.0, false, "final lr = lr * min_lr_ratio"));
+    v.push_back(int_field("train", "warmup", &C::train, &TrainConfig::warmup, 0, kIntMax,
+                          "linear warmup steps"));
+    v.push_back(string_field("train", "schedule", &C::train, &TrainConfig::schedule,
+                             {"cosine", "linear", "constant"}, "lr decay after warmup"));
+    v.push_back(float_field("train", "weight_decay", &C::train, &TrainConfig::weight_decay, 0.0,
+                            10.0, false, "AdamW weight decay"));
+    v.push_back(float_field("train", "beta1", &C::train, &TrainConfig::beta1, 0.0, 0.999999, false,
+                            "AdamW beta1"));
+    v.push_back(float_field("train", "beta2", &C::train, &TrainConfig::beta2, 0.0, 0.999999, false,
+                            "AdamW beta2"));
+    v.push_back(float_field("train", "clip", &C::train, &TrainConfig::clip, 0.0, 1e6, false,
+                            "global gradient-norm clip (0 = off)"));
+    v.push_back(int_field("train", "seed", &C::train, &TrainConfig::seed, 0, kIntMax,
+                          "seed for initialisation and data"));
+    v.push_back(int_field("train", "log_every", &C::train, &TrainConfig::log_every, 1, kIntMax,
+                          "progress line every N steps"));
+    v.push_back(int_field("train", "ckpt_every", &C::train, &TrainConfig::ckpt_every, 0, kIntMax,
+                          "checkpoint every N steps (0 = only at the end)"));
     // data
-    v.push_back(string_field("data", "kind", &C::data, &DataConfig::kind, {"synthetic", "text"}, "synthetic (learnable patterns) or byte-level text"));
-    v.push_back(string_field("data", "path", &C::data, &DataConfig::path, {}, "text file or directory (kind: text)"));
+    v.push_back(string_field("data", "kind", &C::data, &DataConfig::kind, {"synthetic", "text"},
+                             "synthetic (learnable patterns) or byte-level text"));
+    v.push_back(string_field("data", "path", &C::data, &DataConfig::path, {},
+                             "text file or directory (kind: text)"));
     // bench
-    v.push_back(int_field("bench", "warmup", &C::bench, &BenchConfig::warmup, 0, 1 << 20, "untimed repetitions before timing"));
-    v.push_back(int_field("bench", "reps", &C::bench, &BenchConfig::reps, 1, 1 << 20, "timed repetitions (medians reported)"));
-    v.push_back(int_field("bench", "tokens", &C::bench, &BenchConfig::tokens, 1, 1 << 28, "tokens per rank for `bench layer`"));
-    v.push_back(int_list_field("bench", "sizes_kib", &C::bench, &BenchConfig::sizes_kib, 1, "message sizes per peer for `bench comm` (KiB)"));
-    v.push_back(string_field("bench", "dtype", &C::bench, &BenchConfig::dtype, {"float32", "bfloat16"}, "element type of benchmark tensors"));
+    v.push_back(int_field("bench", "warmup", &C::bench, &BenchConfig::warmup, 0, 1 << 20,
+                          "untimed repetitions before timing"));
+    v.push_back(int_field("bench", "reps", &C::bench, &BenchConfig::reps, 1, 1 << 20,
+                          "timed repetitions (medians reported)"));
+    v.push_back(int_field("bench", "tokens", &C::bench, &BenchConfig::tokens, 1, 1 << 28,
+                          "tokens per rank for `bench layer`"));
+    v.push_back(int_list_field("bench", "sizes_kib", &C::bench, &BenchConfig::sizes_kib, 1,
+                               "message sizes per peer for `bench comm` (KiB)"));
+    v.push_back(string_field("bench", "dtype", &C::bench, &BenchConfig::dtype,
+                             {"float32", "bfloat16"}, "element type of benchmark tensors"));
     // sweep
-    v.push_back(string_field("sweep", "launcher", &C::sweep, &SweepConfig::launcher, {"thread", "mpirun"}, "how each sweep point is launched"));
-    v.push_back(int_field("sweep", "steps", &C::sweep, &SweepConfig::steps, 0, kIntMax, "steps per sweep point (0 = train.steps)"));
-    v.push_back(float_field("sweep", "point_timeout_s", &C::sweep, &SweepConfig::point_timeout_s, 0.0, 86400.0, true, "a sweep point running longer is killed and recorded as failed"));
+    v.push_back(string_field("sweep", "launcher", &C::sweep, &SweepConfig::launcher,
+                             {"thread", "mpirun"}, "how each sweep point is launched"));
+    v.push_back(int_field("sweep", "steps", &C::sweep, &SweepConfig::steps, 0, kIntMax,
+                          "steps per sweep point (0 = train.steps)"));
+    v.push_back(float_field("sweep", "point_timeout_s", &C::sweep, &SweepConfig::point_timeout_s,
+                            0.0, 86400.0, true,
+                            "a sweep point running longer is killed and recorded as failed"));
     return v;
   }();
   return fields;
@@ -362,7 +443,8 @@ void apply_override(YAML::Node& root, const std::string& assignment, Origin& ori
   }
   if (!root[section]) root[section] = YAML::Node(YAML::NodeType::Map);
   if (!root[section].IsMap())
-    MOE_THROW(ConfigError, "section '" << section << "' is not a mapping; cannot apply override '" << assignment << "'");
+    MOE_THROW(ConfigError, "section '" << section << "' is not a mapping; cannot apply override '"
+                                       << assignment << "'");
   root[section][key] = parsed;
   origin.overridden.insert(path);
 }
@@ -381,15 +463,20 @@ Config from_node(const YAML::Node& root, const Origin& origin) {
     const auto& names = section_names();
     if (std::find(names.begin(), names.end(), section) == names.end()) {
       std::string near = closest_match(section, names);
-      MOE_THROW(ConfigError, "unknown section '" << section << "' (" << origin.where(section, it->first) << ")"
-                                                 << (near.empty() ? std::string(" (allowed: model, moe, parallel, train, data, bench, sweep)")
-                                                                  : " (did you mean '" + near + "'?)"));
+      MOE_THROW(ConfigError,
+                "unknown section '"
+                    << section << "' (" << origin.where(section, it->first) << ")"
+                    << (near.empty()
+                            ? std::string(
+                                  " (allowed: model, moe, parallel, train, data, bench, sweep)")
+                            : " (did you mean '" + near + "'?)"));
     }
     const YAML::Node& body = it->second;
     if (body.IsNull()) continue;
     if (!body.IsMap())
       MOE_THROW(ConfigError, "section '" << section << "' must be a mapping of key: value, got "
-                                         << scalar_text(body) << " (" << origin.where(section, body) << ")");
+                                         << scalar_text(body) << " (" << origin.where(section, body)
+                                         << ")");
     for (auto kv = body.begin(); kv != body.end(); ++kv) {
       std::string key = kv->first.IsScalar() ? kv->first.Scalar() : "?";
       const Field* field = nullptr;
@@ -397,8 +484,8 @@ Config from_node(const YAML::Node& root, const Origin& origin) {
         if (f.info.section == section && f.info.key == key) field = &f;
       if (!field)
         MOE_THROW(ConfigError, "unknown key '" << section << "." << key << "' ("
-                                               << origin.where(section + "." + key, kv->first) << ")"
-                                               << unknown_key_hint(section, key));
+                                               << origin.where(section + "." + key, kv->first)
+                                               << ")" << unknown_key_hint(section, key));
       field->parse(cfg, kv->second, origin);
     }
   }
@@ -449,7 +536,8 @@ std::string closest_match(const std::string& word, const std::vector<std::string
     for (size_t i = 1; i <= word.size(); ++i) {
       cur[0] = i;
       for (size_t j = 1; j <= c.size(); ++j)
-        cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (word[i - 1] == c[j - 1] ? 0 : 1)});
+        cur[j] = std::min(
+            {prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (word[i - 1] == c[j - 1] ? 0 : 1)});
       std::swap(prev, cur);
     }
     size_t d = prev[c.size()];
@@ -470,7 +558,8 @@ Config load_config_text(const std::string& yaml, const std::string& source,
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) MOE_THROW(ConfigError, "cannot open config file '" << path << "': " << std::strerror(errno));
+  if (!in)
+    MOE_THROW(ConfigError, "cannot open config file '" << path << "': " << std::strerror(errno));
   std::ostringstream buf;
   buf << in.rdbuf();
   if (in.bad()) MOE_THROW(ConfigError, "cannot read config file '" << path << "'");
@@ -489,51 +578,68 @@ void validate_config(const Config& c) {
     MOE_THROW(ConfigError, "moe.top_k = " << m.top_k << " exceeds moe.experts = " << m.experts
                                           << ": allowed 1 <= top_k <= experts");
   if (m.experts % m.n_groups != 0)
-    MOE_THROW(ConfigError, "moe.n_groups = " << m.n_groups << " does not divide moe.experts = " << m.experts);
+    MOE_THROW(ConfigError,
+              "moe.n_groups = " << m.n_groups << " does not divide moe.experts = " << m.experts);
   if (m.topk_groups > m.n_groups)
-    MOE_THROW(ConfigError, "moe.topk_groups = " << m.topk_groups << " exceeds moe.n_groups = " << m.n_groups);
+    MOE_THROW(ConfigError,
+              "moe.topk_groups = " << m.topk_groups << " exceeds moe.n_groups = " << m.n_groups);
   if (m.top_k > m.topk_groups * (m.experts / m.n_groups))
-    MOE_THROW(ConfigError, "moe.top_k = " << m.top_k << " exceeds the experts reachable in moe.topk_groups = "
-                                          << m.topk_groups << " groups of " << m.experts / m.n_groups);
+    MOE_THROW(ConfigError,
+              "moe.top_k = " << m.top_k << " exceeds the experts reachable in moe.topk_groups = "
+                             << m.topk_groups << " groups of " << m.experts / m.n_groups);
   if (p.ep > 0 && m.experts % p.ep != 0)
-    MOE_THROW(ConfigError, "moe.experts = " << m.experts << " is not divisible by parallel.ep = " << p.ep
-                                            << ": every EP rank must hold the same number of experts");
+    MOE_THROW(ConfigError,
+              "moe.experts = " << m.experts << " is not divisible by parallel.ep = " << p.ep
+                               << ": every EP rank must hold the same number of experts");
   if (p.ranks > 0) {
     if (p.ep > 0 && p.ranks % p.ep != 0)
-      MOE_THROW(ConfigError, "parallel.ep = " << p.ep << " does not divide parallel.ranks = " << p.ranks);
+      MOE_THROW(ConfigError,
+                "parallel.ep = " << p.ep << " does not divide parallel.ranks = " << p.ranks);
     if (p.dp > 0 && p.ranks % p.dp != 0)
-      MOE_THROW(ConfigError, "parallel.dp = " << p.dp << " does not divide parallel.ranks = " << p.ranks);
+      MOE_THROW(ConfigError,
+                "parallel.dp = " << p.dp << " does not divide parallel.ranks = " << p.ranks);
     if (p.ep > 0 && p.dp > 0 && p.ep * p.dp != p.ranks)
-      MOE_THROW(ConfigError, "parallel.ep * parallel.dp = " << p.ep << " * " << p.dp << " = " << p.ep * p.dp
-                                                            << " but parallel.ranks = " << p.ranks
-                                                            << ": ep * dp must equal the world size");
+      MOE_THROW(ConfigError,
+                "parallel.ep * parallel.dp = " << p.ep << " * " << p.dp << " = " << p.ep * p.dp
+                                               << " but parallel.ranks = " << p.ranks
+                                               << ": ep * dp must equal the world size");
   }
   if (p.backend == "nccl" && !MOE_HAVE_NCCL)
-    MOE_THROW(ConfigError, "parallel.backend = 'nccl' but this build has no NCCL backend "
-                           "(configure with the CUDA toolkit and NCCL present)");
+    MOE_THROW(ConfigError,
+              "parallel.backend = 'nccl' but this build has no NCCL backend "
+              "(configure with the CUDA toolkit and NCCL present)");
   if (p.backend == "mpi" && !MOE_HAVE_MPI)
-    MOE_THROW(ConfigError, "parallel.backend = 'mpi' but this build has no MPI backend "
-                           "(apt-get install libopenmpi-dev and rebuild)");
+    MOE_THROW(ConfigError,
+              "parallel.backend = 'mpi' but this build has no MPI backend "
+              "(apt-get install libopenmpi-dev and rebuild)");
   const auto& md = c.model;
   if (md.d_model % md.heads != 0)
-    MOE_THROW(ConfigError, "model.d_model = " << md.d_model << " is not divisible by model.heads = " << md.heads);
+    MOE_THROW(ConfigError, "model.d_model = " << md.d_model
+                                              << " is not divisible by model.heads = " << md.heads);
   if ((md.d_model / md.heads) % 2 != 0)
-    MOE_THROW(ConfigError, "model.d_model / model.heads = " << md.d_model / md.heads
-                                                            << " must be even (rotary embeddings rotate pairs)");
+    MOE_THROW(ConfigError,
+              "model.d_model / model.heads = " << md.d_model / md.heads
+                                               << " must be even (rotary embeddings rotate pairs)");
   if (!md.dense && md.moe_every > md.layers)
-    MOE_THROW(ConfigError, "model.moe_every = " << md.moe_every << " exceeds model.layers = " << md.layers
-                                                << ": the model would have no MoE layer (set model.dense: true for a dense model)");
+    MOE_THROW(
+        ConfigError,
+        "model.moe_every = "
+            << md.moe_every << " exceeds model.layers = " << md.layers
+            << ": the model would have no MoE layer (set model.dense: true for a dense model)");
   if (c.data.kind == "text" && c.data.path.empty())
     MOE_THROW(ConfigError, "data.path is empty but data.kind = 'text' needs a file or directory");
   if (c.data.kind == "synthetic" && md.vocab < 4)
-    MOE_THROW(ConfigError, "model.vocab = " << md.vocab << " is too small for synthetic data: allowed >= 4");
+    MOE_THROW(ConfigError,
+              "model.vocab = " << md.vocab << " is too small for synthetic data: allowed >= 4");
   if (c.data.kind == "text" && md.vocab < 256)
-    MOE_THROW(ConfigError, "model.vocab = " << md.vocab << " but byte-level text (data.kind = 'text') needs vocab >= 256");
+    MOE_THROW(ConfigError,
+              "model.vocab = " << md.vocab
+                               << " but byte-level text (data.kind = 'text') needs vocab >= 256");
   for (size_t i = 1; i < c.bench.sizes_kib.size(); ++i)
     if (c.bench.sizes_kib[i] <= c.bench.sizes_kib[i - 1])
-      MOE_THROW(ConfigError, "bench.sizes_kib must be strictly increasing: element " << i << " = "
-                                                                                   << c.bench.sizes_kib[i] << " follows "
-                                                                                   << c.bench.sizes_kib[i - 1]);
+      MOE_THROW(ConfigError, "bench.sizes_kib must be strictly increasing: element "
+                                 << i << " = " << c.bench.sizes_kib[i] << " follows "
+                                 << c.bench.sizes_kib[i - 1]);
 }
 
 std::string dump_config(const Config& cfg) {
@@ -569,23 +675,27 @@ ParallelLayout resolve_layout(const Config& cfg, int world) {
   if (world < 1) MOE_THROW(ConfigError, "world size " << world << " must be >= 1");
   if (p.ranks > 0 && p.ranks != world)
     MOE_THROW(ConfigError, "parallel.ranks = " << p.ranks << " but the launcher started " << world
-                                               << " ranks: set parallel.ranks=0 (auto) or launch " << p.ranks);
+                                               << " ranks: set parallel.ranks=0 (auto) or launch "
+                                               << p.ranks);
   int64_t ep = p.ep, dp = p.dp;
   if (ep == 0 && dp == 0) {
     ep = world;
     dp = 1;
   } else if (ep == 0) {
-    if (world % dp != 0) MOE_THROW(ConfigError, "parallel.dp = " << dp << " does not divide the world size " << world);
+    if (world % dp != 0)
+      MOE_THROW(ConfigError, "parallel.dp = " << dp << " does not divide the world size " << world);
     ep = world / dp;
   } else if (dp == 0) {
-    if (world % ep != 0) MOE_THROW(ConfigError, "parallel.ep = " << ep << " does not divide the world size " << world);
+    if (world % ep != 0)
+      MOE_THROW(ConfigError, "parallel.ep = " << ep << " does not divide the world size " << world);
     dp = world / ep;
   }
   if (ep * dp != world)
     MOE_THROW(ConfigError, "parallel.ep * parallel.dp = " << ep << " * " << dp << " = " << ep * dp
                                                           << " but the world size is " << world);
   if (cfg.moe.experts % ep != 0)
-    MOE_THROW(ConfigError, "moe.experts = " << cfg.moe.experts << " is not divisible by the expert-parallel size "
+    MOE_THROW(ConfigError, "moe.experts = " << cfg.moe.experts
+                                            << " is not divisible by the expert-parallel size "
                                             << ep << " (world " << world << ", dp " << dp << ")");
   return ParallelLayout{static_cast<int>(ep), static_cast<int>(dp)};
 }

@@ -32,13 +32,20 @@ Error::Error(ErrorKind kind, const std::string& what, const char* file, int line
 
 const char* Error::kind_name(ErrorKind kind) {
   switch (kind) {
-    case ErrorKind::Internal: return "InternalError";
-    case ErrorKind::Config: return "ConfigError";
-    case ErrorKind::Shape: return "ShapeError";
-    case ErrorKind::Comm: return "CommError";
-    case ErrorKind::Checkpoint: return "CheckpointError";
-    case ErrorKind::Data: return "DataError";
-    case ErrorKind::Usage: return "UsageError";
+    case ErrorKind::Internal:
+      return "InternalError";
+    case ErrorKind::Config:
+      return "ConfigError";
+    case ErrorKind::Shape:
+      return "ShapeError";
+    case ErrorKind::Comm:
+      return "CommError";
+    case ErrorKind::Checkpoint:
+      return "CheckpointError";
+    case ErrorKind::Data:
+      return "DataError";
+    case ErrorKind::Usage:
+      return "UsageError";
   }
   return "Error";
 }
@@ -48,9 +55,12 @@ int Error::exit_code() const {
     case ErrorKind::Config:
     case ErrorKind::Checkpoint:
     case ErrorKind::Data:
-    case ErrorKind::Usage: return kExitBadInput;
-    case ErrorKind::Comm: return kExitComm;
-    default: return kExitOther;
+    case ErrorKind::Usage:
+      return kExitBadInput;
+    case ErrorKind::Comm:
+      return kExitComm;
+    default:
+      return kExitOther;
   }
 }
 

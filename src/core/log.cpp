@@ -18,17 +18,26 @@ std::mutex g_log_mutex;
 
 const char* level_letter(LogLevel l) {
   switch (l) {
-    case LogLevel::Debug: return "D";
-    case LogLevel::Info: return "I";
-    case LogLevel::Warn: return "W";
-    case LogLevel::Error: return "E";
-    default: return "?";
+    case LogLevel::Debug:
+      return "D";
+    case LogLevel::Info:
+      return "I";
+    case LogLevel::Warn:
+      return "W";
+    case LogLevel::Error:
+      return "E";
+    default:
+      return "?";
   }
 }
 }  // namespace
 
-void set_current_rank(int rank) { t_rank = rank; }
-int current_rank() { return t_rank; }
+void set_current_rank(int rank) {
+  t_rank = rank;
+}
+int current_rank() {
+  return t_rank;
+}
 
 LogLevel parse_log_level(const std::string& name) {
   if (name == "debug") return LogLevel::Debug;
@@ -56,7 +65,9 @@ LogLevel log_level() {
   return static_cast<LogLevel>(l);
 }
 
-void set_log_level(LogLevel level) { g_level.store(static_cast<int>(level)); }
+void set_log_level(LogLevel level) {
+  g_level.store(static_cast<int>(level));
+}
 
 void log_line(LogLevel level, const std::string& message) {
   using namespace std::chrono;

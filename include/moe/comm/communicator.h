@@ -58,9 +58,11 @@ class Communicator {
  protected:
   // `out` is allocated and checked by the caller.
   virtual void do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                               const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) = 0;
+                               const std::vector<int64_t>& recv_rows, torch::Tensor& out,
+                               const char* op) = 0;
   // A new output tensor for all_to_all_v.
-  static torch::Tensor make_output(const torch::Tensor& input, const std::vector<int64_t>& recv_rows);
+  static torch::Tensor make_output(const torch::Tensor& input,
+                                   const std::vector<int64_t>& recv_rows);
   virtual void do_all_reduce(torch::Tensor& tensor, ReduceOp op) = 0;
   virtual torch::Tensor do_all_gather(const torch::Tensor& tensor) = 0;
   virtual void do_broadcast(torch::Tensor& tensor, int root) = 0;

@@ -37,12 +37,14 @@ class ThreadComm : public Communicator {
   // What a rank publishes for one collective (defined in thread_comm.cpp).
   struct Post;
 
-  ThreadComm(std::shared_ptr<ThreadWorld> world, std::shared_ptr<ThreadGroup> group, int rank, double timeout_s);
+  ThreadComm(std::shared_ptr<ThreadWorld> world, std::shared_ptr<ThreadGroup> group, int rank,
+             double timeout_s);
   ~ThreadComm() override;
 
  protected:
   void do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
-                       const std::vector<int64_t>& recv_rows, torch::Tensor& out, const char* op) override;
+                       const std::vector<int64_t>& recv_rows, torch::Tensor& out,
+                       const char* op) override;
   void do_all_reduce(torch::Tensor& tensor, ReduceOp op) override;
   torch::Tensor do_all_gather(const torch::Tensor& tensor) override;
   void do_broadcast(torch::Tensor& tensor, int root) override;

@@ -133,7 +133,9 @@ std::string dump_config(const Config& cfg);
 // FNV-1a 64 of dump_config: ranks compare it at setup.
 uint64_t config_hash(const Config& cfg);
 bool operator==(const Config& a, const Config& b);
-inline bool operator!=(const Config& a, const Config& b) { return !(a == b); }
+inline bool operator!=(const Config& a, const Config& b) {
+  return !(a == b);
+}
 
 // The expert/data parallel layout for a world of `world` ranks: ep and dp
 // resolved from parallel.ep/dp (0 = auto) and checked: ep * dp == world,

@@ -35,11 +35,11 @@ class Error : public std::runtime_error {
   int line_;
 };
 
-#define MOE_DEFINE_ERROR(Name, Kind)                                             \
-  class Name : public Error {                                                    \
-   public:                                                                       \
-    Name(const std::string& what, const char* file = "?", int line = 0)          \
-        : Error(ErrorKind::Kind, what, file, line) {}                           \
+#define MOE_DEFINE_ERROR(Name, Kind)                                    \
+  class Name : public Error {                                           \
+   public:                                                              \
+    Name(const std::string& what, const char* file = "?", int line = 0) \
+        : Error(ErrorKind::Kind, what, file, line) {}                   \
   };
 MOE_DEFINE_ERROR(InternalError, Internal)
 MOE_DEFINE_ERROR(ConfigError, Config)
@@ -57,22 +57,22 @@ int describe_exception(const std::exception& e, std::string* line);
 }  // namespace moe
 
 // MOE_THROW(ConfigError, "moe.top_k = " << k << " must be <= " << e);
-#define MOE_THROW(ErrorType, stream_expr)                          \
-  do {                                                             \
-    std::ostringstream moe_throw_oss_;                             \
-    moe_throw_oss_ << stream_expr;                                 \
+#define MOE_THROW(ErrorType, stream_expr)                             \
+  do {                                                                \
+    std::ostringstream moe_throw_oss_;                                \
+    moe_throw_oss_ << stream_expr;                                    \
     throw ::moe::ErrorType(moe_throw_oss_.str(), __FILE__, __LINE__); \
   } while (0)
 
 // MOE_CHECK(cond, "context " << value): an internal invariant; on failure
 // throws InternalError naming the condition.
-#define MOE_CHECK(cond, stream_expr)                                     \
-  do {                                                                   \
+#define MOE_CHECK(cond, stream_expr)                                                   \
+  do {                                                                                 \
     if (!(cond)) MOE_THROW(InternalError, "check failed: " #cond ": " << stream_expr); \
   } while (0)
 
 // MOE_CHECK_T(ShapeError, cond, "..."): a check on input with a typed error.
-#define MOE_CHECK_T(ErrorType, cond, stream_expr) \
-  do {                                            \
+#define MOE_CHECK_T(ErrorType, cond, stream_expr)   \
+  do {                                              \
     if (!(cond)) MOE_THROW(ErrorType, stream_expr); \
   } while (0)

@@ -37,7 +37,7 @@ class LogStream {
 
 }  // namespace moe
 
-#define MOE_LOG(level)                                               \
-  if (::moe::LogLevel::level < ::moe::log_level()) {                 \
-  } else                                                             \
+#define MOE_LOG(level)                               \
+  if (::moe::LogLevel::level < ::moe::log_level()) { \
+  } else                                             \
     ::moe::LogStream(::moe::LogLevel::level)
