@@ -46,6 +46,8 @@ const char* Error::kind_name(ErrorKind kind) {
       return "DataError";
     case ErrorKind::Usage:
       return "UsageError";
+    case ErrorKind::Numeric:
+      return "NumericError";
   }
   return "Error";
 }

@@ -8,7 +8,7 @@
 
 namespace moe {
 
-enum class ErrorKind { Internal, Config, Shape, Comm, Checkpoint, Data, Usage };
+enum class ErrorKind { Internal, Config, Shape, Comm, Checkpoint, Data, Usage, Numeric };
 
 // Process exit codes of the `moe` program (see README "Exit codes").
 constexpr int kExitOk = 0;
@@ -48,6 +48,8 @@ MOE_DEFINE_ERROR(CommError, Comm)
 MOE_DEFINE_ERROR(CheckpointError, Checkpoint)
 MOE_DEFINE_ERROR(DataError, Data)
 MOE_DEFINE_ERROR(UsageError, Usage)
+// Non-finite values where finite ones are required (NaN router logits, a NaN loss).
+MOE_DEFINE_ERROR(NumericError, Numeric)
 #undef MOE_DEFINE_ERROR
 
 // Maps any exception to (exit code, one readable line) for the program's
