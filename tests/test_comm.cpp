@@ -388,6 +388,28 @@ TEST(ThreadFaults, RankThatReturnsEarlyFailsPeersAtOnce) {
   expect_contains(errors[0], "rank 1 returned without reaching barrier");
 }
 
+TEST(ThreadFaults, RankThatReturnsEarlyIsSeenPastASlowerPeer) {
+  // Rank 2 leaves while rank 1 (a lower slot) is still busy: rank 0 must fail
+  // at once naming rank 2, not wait out the timeout and blame rank 1.
+  std::atomic<bool> rank0_failed{false};
+  auto errors = comm_errors(3, 5.0, [&](Communicator& c) {
+    if (c.rank() == 2) return;
+    if (c.rank() == 1) {
+      auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (!rank0_failed && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    try {
+      c.barrier();
+    } catch (const CommError&) {
+      if (c.rank() == 0) rank0_failed = true;
+      throw;
+    }
+  });
+  expect_contains(errors[0], "rank 2 returned without reaching barrier");
+  expect_contains(errors[1], "aborted");
+}
+
 // ---- MPI: the same bodies under mpirun --------------------------------------------------
 
 #if MOE_HAVE_MPI

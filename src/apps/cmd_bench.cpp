@@ -12,6 +12,8 @@
 #include "moe/core/error.h"
 #include "moe/core/log.h"
 #include "moe/core/timer.h"
+#include "moe/moe/moe_layer.h"
+#include "moe/parallel/safetensors.h"
 #if MOE_HAVE_MPI
 #include "moe/comm/mpi_comm.h"
 #endif
@@ -135,10 +137,193 @@ void report_comm(const std::vector<CommRow>& rows, int world, const std::string&
   std::fflush(stdout);
 }
 
+// ---- bench layer -------------------------------------------------------------------------
+
+void clear_grads(torch::nn::Module& m) {
+  for (auto& p : m.parameters()) p.mutable_grad().reset();
+}
+
+// The seeds' MoE: loop over slots and experts, boolean mask, index. Single rank.
+torch::Tensor naive_moe(const torch::Tensor& x, MoELayer& layer, const MoeConfig& c) {
+  torch::Tensor logits = torch::mm(x, layer.router->weight.t());
+  torch::Tensor probs = torch::softmax(logits, -1);
+  auto top = probs.topk(c.top_k, -1);
+  torch::Tensor gate = std::get<0>(top), idx = std::get<1>(top);
+  if (c.renormalize && c.top_k > 1) gate = gate / gate.sum(-1, true);
+  torch::Tensor out = torch::zeros_like(x);
+  for (int64_t j = 0; j < c.top_k; ++j) {
+    torch::Tensor ej = idx.select(1, j);
+    for (int64_t e = 0; e < c.experts; ++e) {
+      torch::Tensor mask = ej == e;
+      if (!mask.any().item<bool>()) continue;
+      torch::Tensor xe = x.index({mask});
+      torch::Tensor h = c.activation == "swiglu" ? torch::silu(torch::mm(xe, layer.w1[e])) * torch::mm(xe, layer.w3[e])
+                                                 : torch::gelu(torch::mm(xe, layer.w1[e]));
+      torch::Tensor ye = torch::mm(h, layer.w2[e]) * gate.select(1, j).index({mask}).unsqueeze(1);
+      out = out.index_put({mask}, out.index({mask}) + ye);
+    }
+  }
+  return out;
+}
+
+struct LayerBench {
+  std::vector<std::pair<std::string, double>> ms;  // name -> median ms (slowest rank)
+  double phase_ms[PhaseTimes::Count] = {0, 0, 0, 0, 0, 0};  // rank 0 medians, forward + backward
+  LayerStats stats;
+};
+
+LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::string& dump_dir) {
+  const MoeConfig& mc = cfg.moe;
+  const int64_t T = cfg.bench.tokens, D = cfg.model.d_model, k = mc.top_k;
+  const int ep = c.size();
+  MoELayer layer(mc, D, c, static_cast<uint64_t>(cfg.train.seed));
+  const int64_t EL = layer.experts_per_rank();
+  torch::Tensor x = torch::randn({T, D}).requires_grad_(true);
+  torch::Tensor gy = torch::randn({T, D});
+  // The floor: the same expert MLPs on T*k pre-sorted rows, balanced over the local experts.
+  const int64_t rows = T * k;
+  torch::Tensor xs = torch::randn({rows, D}).requires_grad_(true);
+  torch::Tensor gys = torch::randn({rows, D});
+  std::vector<ExpertSegment> segs;
+  for (int64_t le = 0; le < EL; ++le) {
+    int64_t lo = rows * le / EL, hi = rows * (le + 1) / EL;
+    segs.push_back({le, lo, hi - lo});
+  }
+  const bool swiglu = mc.activation == "swiglu";
+  const bool with_naive = ep == 1;
+  std::vector<double> t_limit, t_naive, t_layer;
+  std::vector<std::vector<double>> phases(PhaseTimes::Count);
+  LayerBench out;
+  const int64_t total = cfg.bench.warmup + cfg.bench.reps;
+  for (int64_t rep = 0; rep < total; ++rep) {
+    const bool keep = rep >= cfg.bench.warmup;
+    c.barrier();
+    Stopwatch sw;
+    expert_mlp(xs, layer.w1, layer.w3, layer.w2, segs, swiglu).backward(gys);
+    if (keep) t_limit.push_back(sw.seconds());
+    clear_grads(layer);
+    xs.mutable_grad().reset();
+    if (with_naive) {
+      c.barrier();
+      sw.reset();
+      naive_moe(x, layer, mc).backward(gy);
+      if (keep) t_naive.push_back(sw.seconds());
+      clear_grads(layer);
+      x.mutable_grad().reset();
+    }
+    c.barrier();
+    layer.times.reset();
+    sw.reset();
+    MoEOutput o = layer.forward(x, true);
+    ((o.y * gy).sum() + o.aux_loss + o.z_loss).backward();
+    if (keep) {
+      t_layer.push_back(sw.seconds());
+      for (int p = 0; p < PhaseTimes::Count; ++p) phases[p].push_back(layer.times.total(p));
+      out.stats = o.stats;
+    }
+    if (!dump_dir.empty() && rep + 1 == total) {
+      // One forward+backward, with routing, under Mixtral's names.
+      std::map<std::string, torch::Tensor> t;
+      t["input"] = x.detach();
+      t["output"] = o.y.detach();
+      t["grad_output"] = gy;
+      t["grad_input"] = x.grad();
+      t["gate.weight"] = layer.router->weight.detach();
+      t["gate.weight.grad"] = layer.router->weight.grad();
+      for (int64_t le = 0; le < EL; ++le) {
+        std::string pre = "experts." + std::to_string(layer.first_expert() + le) + ".";
+        // Mixtral stores nn.Linear weights [out, in]: w1/w3 [H, D], w2 [D, H].
+        t[pre + "w1.weight"] = layer.w1[le].detach().t();
+        t[pre + "w2.weight"] = layer.w2[le].detach().t();
+        t[pre + "w1.weight.grad"] = layer.w1.grad()[le].t();
+        t[pre + "w2.weight.grad"] = layer.w2.grad()[le].t();
+        if (swiglu) {
+          t[pre + "w3.weight"] = layer.w3[le].detach().t();
+          t[pre + "w3.weight.grad"] = layer.w3.grad()[le].t();
+        }
+      }
+      RouterOutput ro = layer.router->forward(x.detach(), false);
+      t["routing.expert_ids"] = ro.expert_idx;
+      t["routing.gate_weights"] = ro.gate.detach();
+      t["aux_loss"] = o.aux_loss.detach().view({1});
+      t["z_loss"] = o.z_loss.detach().view({1});
+      std::map<std::string, std::string> meta = {
+          {"experts", std::to_string(mc.experts)}, {"top_k", std::to_string(k)},
+          {"score_fn", mc.score_fn},                {"activation", mc.activation},
+          {"capacity_factor", std::to_string(mc.capacity_factor)},
+          {"rank", std::to_string(c.rank())},       {"world", std::to_string(ep)},
+          {"loss", "sum(output * grad_output) + aux_loss + z_loss"}};
+      ::mkdir(dump_dir.c_str(), 0755);
+      write_safetensors(dump_dir + "/layer_rank" + std::to_string(c.rank()) + ".safetensors", t, meta);
+    }
+    clear_grads(layer);
+    x.mutable_grad().reset();
+  }
+  auto slowest_median = [&](const std::vector<double>& v) {
+    torch::Tensor t = torch::tensor(v, torch::kFloat64);
+    c.all_reduce(t, comm::ReduceOp::Max);
+    return median(std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel())) * 1e3;
+  };
+  out.ms.push_back({"expert_only_limit", slowest_median(t_limit)});
+  if (with_naive) out.ms.push_back({"naive_loop", slowest_median(t_naive)});
+  out.ms.push_back({"moe_layer", slowest_median(t_layer)});
+  for (int p = 0; p < PhaseTimes::Count; ++p) out.phase_ms[p] = median(phases[p]) * 1e3;
+  return out;
+}
+
+void report_layer(const LayerBench& b, const Config& cfg, int world, bool json) {
+  const double limit = b.ms[0].second;
+  nlohmann::json results = nlohmann::json::array();
+  for (const auto& [name, ms] : b.ms) results.push_back({{"name", name}, {"ms", ms}, {"ratio_to_limit", ms / limit}});
+  nlohmann::json breakdown = nlohmann::json::object();
+  double layer_ms = b.ms.back().second, accounted = 0;
+  for (int p = 0; p < PhaseTimes::Count; ++p) {
+    breakdown[PhaseTimes::name(p)] = b.phase_ms[p];
+    accounted += b.phase_ms[p];
+  }
+  breakdown["other"] = std::max(0.0, layer_ms - accounted);
+  const auto& m = cfg.moe;
+  nlohmann::json doc = {{"benchmark", "layer"},
+                        {"world", world},
+                        {"tokens_per_rank", cfg.bench.tokens},
+                        {"d_model", cfg.model.d_model},
+                        {"d_expert", m.d_expert},
+                        {"experts", m.experts},
+                        {"top_k", m.top_k},
+                        {"capacity_factor", m.capacity_factor},
+                        {"drop_fraction", b.stats.drop_fraction},
+                        {"results", results},
+                        {"breakdown_ms", breakdown}};
+  if (json) {
+    std::cout << doc.dump() << std::endl;
+    return;
+  }
+  std::printf("MoE layer forward+backward, fp32: T %lld/rank, D %lld, H %lld, E %lld, k %lld, cf %.2f, world %d\n",
+              static_cast<long long>(cfg.bench.tokens), static_cast<long long>(cfg.model.d_model),
+              static_cast<long long>(m.d_expert), static_cast<long long>(m.experts), static_cast<long long>(m.top_k),
+              m.capacity_factor, world);
+  std::printf("%-20s %12s %10s\n", "variant", "median ms", "x limit");
+  for (const auto& [name, ms] : b.ms) std::printf("%-20s %12.2f %10.3f\n", name.c_str(), ms, ms / limit);
+  std::printf("moe_layer breakdown (rank 0 medians, forward+backward ms):");
+  for (int p = 0; p < PhaseTimes::Count; ++p) std::printf(" %s %.2f", PhaseTimes::name(p), b.phase_ms[p]);
+  std::printf(" other %.2f; dropped %.2f%%\n", std::max(0.0, layer_ms - accounted), 100 * b.stats.drop_fraction);
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int run_bench(const BenchArgs& args) {
   Config cfg = load_config_or_defaults(args.config_path, args.overrides);
+  if (args.what == "layer") {
+    std::string backend = comm::resolve_backend(cfg.parallel.backend);
+    int nthreads = thread_ranks(args.ranks, cfg);
+    comm::run_on_world(backend, nthreads, cfg.parallel.timeout_s, [&](comm::Communicator& c) {
+      resolve_layout(cfg, c.size());  // experts divisible by the EP size, ranks consistent
+      LayerBench b = bench_layer(c, cfg, args.dump_dir);
+      if (c.rank() == 0) report_layer(b, cfg, c.size(), args.json);
+    });
+    return kExitOk;
+  }
   if (args.what != "comm") return not_implemented("bench " + args.what);
   std::string backend = comm::resolve_backend(cfg.parallel.backend);
   int nthreads = thread_ranks(args.ranks, cfg);

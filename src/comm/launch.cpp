@@ -1,10 +1,12 @@
 #include "moe/comm/launch.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "moe/comm/thread_comm.h"
 #include "moe/core/error.h"
 #include "moe/core/log.h"
+#include "moe/core/threads.h"
 #if MOE_HAVE_MPI
 #include <mpi.h>
 
@@ -75,6 +77,9 @@ void run_on_world(const std::string& backend, int thread_ranks, double timeout_s
   if (backend == "mpi" || backend == "nccl") {
     auto world = MpiComm::world(timeout_s);
     set_current_rank(world->rank());
+    int local_size = 1;
+    if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) local_size = std::max(1, std::atoi(v));
+    configure_cpu_threads(1, local_size);
     if (backend == "mpi") {
       fn(*world);
       return;

@@ -11,6 +11,7 @@
 
 #include "moe/core/error.h"
 #include "moe/core/log.h"
+#include "moe/core/threads.h"
 
 namespace moe::comm {
 
@@ -115,16 +116,20 @@ uint64_t ThreadComm::arrive(Post post) {
   world_->cv.notify_all();
 
   int missing = -1;
+  // Scans every slot: a peer that exited fails us at once even when a lower
+  // slot is merely slow (missing = the exited one, else the first missing).
   auto all_posted = [&] {
     if (world_->aborted) return true;
+    missing = -1;
     for (size_t i = 0; i < group_->slots.size(); ++i)
       if (group_->slots[i].posted < seq) {
-        missing = static_cast<int>(i);
-        if (world_->exited[group_->world_ranks[i]]) return true;
-        return false;
+        if (world_->exited[group_->world_ranks[i]]) {
+          missing = static_cast<int>(i);
+          return true;
+        }
+        if (missing < 0) missing = static_cast<int>(i);
       }
-    missing = -1;
-    return true;
+    return missing < 0;
   };
   bool ok = world_->cv.wait_until(lock, deadline_after(timeout_s_), all_posted);
   if (world_->aborted)
@@ -354,6 +359,7 @@ void run_ranks(int n, double timeout_s, const std::function<void(Communicator&)>
   for (int r = 0; r < n; ++r) {
     threads.emplace_back([&, r] {
       set_current_rank(r);
+      configure_cpu_threads(n);
       ThreadComm& comm = *comms[r];
       try {
         fn(comm);

@@ -16,7 +16,8 @@ int64_t expert_capacity(int64_t tokens, int64_t top_k, int64_t experts, double c
 }
 
 DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Tensor& gate, int64_t experts,
-                                int64_t ep, double capacity_factor, int64_t min_capacity, const std::string& policy) {
+                                int64_t ep, double capacity_factor, int64_t min_capacity, const std::string& policy,
+                                bool padded) {
   MOE_CHECK_T(ShapeError, expert_idx.dim() == 2 && expert_idx.scalar_type() == torch::kInt64,
               "dispatch plan: expert_idx must be [T, k] int64, got dim " << expert_idx.dim() << " "
                                                                          << expert_idx.scalar_type());
@@ -30,7 +31,7 @@ DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Te
   p.experts = experts;
   p.ep = ep;
   p.capacity = expert_capacity(p.tokens, p.top_k, experts, capacity_factor, min_capacity);
-  p.padded = capacity_factor > 0;
+  p.padded = padded && capacity_factor > 0;
   const int64_t S = p.tokens * p.top_k;
 
   torch::Tensor idx = expert_idx.contiguous();

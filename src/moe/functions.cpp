@@ -58,20 +58,28 @@ struct PermuteFn : public torch::autograd::Function<PermuteFn> {
     const int64_t k = ctx->saved_data["k"].toInt();
     torch::Tensor g = grads[0].contiguous();
     const int64_t S = slot_row.size(0), T = S / k, D = g.size(1);
-    torch::Tensor gx = torch::zeros({T, D}, g.options());
+    torch::Tensor gx = torch::empty({T, D}, g.options());
     const int64_t* row = slot_row.data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "permute_backward", [&] {
       const scalar_t* gp = g.data_ptr<scalar_t>();
       scalar_t* out = gx.data_ptr<scalar_t>();
       at::parallel_for(0, T, 64, [&](int64_t lo, int64_t hi) {
-        for (int64_t t = lo; t < hi; ++t)
+        for (int64_t t = lo; t < hi; ++t) {
+          scalar_t* dst = out + t * D;
+          bool first = true;
           for (int64_t j = 0; j < k; ++j) {
             int64_t r = row[t * k + j];
             if (r < 0) continue;
             const scalar_t* src = gp + r * D;
-            scalar_t* dst = out + t * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+            if (first) {
+              std::memcpy(dst, src, D * sizeof(scalar_t));
+              first = false;
+            } else {
+              for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+            }
           }
+          if (first) std::memset(dst, 0, D * sizeof(scalar_t));  // every slot dropped
+        }
       });
     });
     if (auto* t = times_of(ctx)) t->backward[PhaseTimes::Permute] += sw.seconds();
@@ -83,13 +91,13 @@ struct PermuteFn : public torch::autograd::Function<PermuteFn> {
 
 struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& back, const torch::Tensor& gate,
-                               const torch::Tensor& slot_row, int64_t times) {
+                               const torch::Tensor& slot_row, const torch::Tensor& row_token, int64_t times) {
     Stopwatch sw;
     torch::Tensor b = back.contiguous(), w = gate.contiguous();
-    ctx->save_for_backward({b, w, slot_row});
+    ctx->save_for_backward({b, w, slot_row, row_token});
     ctx->saved_data["times"] = times;
     const int64_t T = w.size(0), k = w.size(1), D = b.size(1);
-    torch::Tensor y = torch::zeros({T, D}, b.options());
+    torch::Tensor y = torch::empty({T, D}, b.options());
     const int64_t* row = slot_row.data_ptr<int64_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.scalar_type(), "unpermute_forward", [&] {
       const scalar_t* bp = b.data_ptr<scalar_t>();
@@ -97,15 +105,23 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
       const scalar_t* wp = wc.data_ptr<scalar_t>();
       scalar_t* yp = y.data_ptr<scalar_t>();
       at::parallel_for(0, T, 64, [&](int64_t lo, int64_t hi) {
-        for (int64_t t = lo; t < hi; ++t)
+        for (int64_t t = lo; t < hi; ++t) {
+          scalar_t* dst = yp + t * D;
+          bool first = true;
           for (int64_t j = 0; j < k; ++j) {
             int64_t r = row[t * k + j];
             if (r < 0) continue;
             const scalar_t wt = wp[t * k + j];
             const scalar_t* src = bp + r * D;
-            scalar_t* dst = yp + t * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] += wt * src[d];
+            if (first) {
+              for (int64_t d = 0; d < D; ++d) dst[d] = wt * src[d];
+              first = false;
+            } else {
+              for (int64_t d = 0; d < D; ++d) dst[d] += wt * src[d];
+            }
           }
+          if (first) std::memset(dst, 0, D * sizeof(scalar_t));  // every slot dropped: the residual carries it
+        }
       });
     });
     if (auto* t = reinterpret_cast<PhaseTimes*>(times)) t->forward[PhaseTimes::Unpermute] += sw.seconds();
@@ -115,13 +131,18 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     Stopwatch sw;
     auto saved = ctx->get_saved_variables();
-    torch::Tensor b = saved[0], w = saved[1], slot_row = saved[2];
+    torch::Tensor b = saved[0], w = saved[1], slot_row = saved[2], row_token = saved[3];
     torch::Tensor gy = grads[0].contiguous();
     const int64_t T = w.size(0), k = w.size(1), D = b.size(1), R = b.size(0);
-    // Rows no kept slot refers to (padding) get zero gradient.
-    torch::Tensor gb = torch::zeros({R, D}, b.options());
+    // Every row belongs to one kept slot, except padding rows: they get zero gradient.
+    torch::Tensor gb = torch::empty({R, D}, b.options());
     torch::Tensor gw = torch::zeros({T, k}, b.options());
     const int64_t* row = slot_row.data_ptr<int64_t>();
+    const int64_t* tok = row_token.data_ptr<int64_t>();
+    char* gbytes = static_cast<char*>(gb.data_ptr());
+    const size_t row_size = D * gb.element_size();
+    for (int64_t r = 0; r < R; ++r)
+      if (tok[r] < 0) std::memset(gbytes + r * row_size, 0, row_size);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.scalar_type(), "unpermute_backward", [&] {
       const scalar_t* bp = b.data_ptr<scalar_t>();
       const scalar_t* gyp = gy.data_ptr<scalar_t>();
@@ -139,6 +160,7 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
             const scalar_t* src = bp + r * D;
             scalar_t* dst = gbp + r * D;
             float dot = 0;
+            _Pragma("omp simd reduction(+ : dot)")
             for (int64_t d = 0; d < D; ++d) {
               dst[d] = wt * g[d];
               dot += static_cast<float>(g[d]) * static_cast<float>(src[d]);
@@ -148,7 +170,7 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
       });
     });
     if (auto* t = times_of(ctx)) t->backward[PhaseTimes::Unpermute] += sw.seconds();
-    return {gb, gw.to(w.scalar_type()), torch::Tensor(), torch::Tensor()};
+    return {gb, gw.to(w.scalar_type()), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -294,7 +316,7 @@ torch::Tensor unpermute_tokens(const torch::Tensor& back, const torch::Tensor& g
                                               << plan.send_rows);
   MOE_CHECK_T(ShapeError, gate.dim() == 2 && gate.size(0) == plan.tokens && gate.size(1) == plan.top_k,
               "unpermute: gate must be [" << plan.tokens << ", " << plan.top_k << "]");
-  return UnpermuteFn::apply(back, gate, plan.slot_row, ptr_int(times));
+  return UnpermuteFn::apply(back, gate, plan.slot_row, plan.row_token, ptr_int(times));
 }
 
 torch::Tensor all_to_all_autograd(const torch::Tensor& x, const std::vector<int64_t>& send_rows,

@@ -87,7 +87,7 @@ MoEOutput MoELayer::forward(const torch::Tensor& x, bool training, uint64_t nois
   Stopwatch sw;
   RouterOutput ro = router->forward(x, training, noise_seed);
   DispatchPlan plan = make_dispatch_plan(ro.expert_idx, ro.gate, E, ep, cfg_.capacity_factor, cfg_.min_capacity,
-                                         cfg_.drop_policy);
+                                         cfg_.drop_policy, /*padded=*/ep > 1);
   torch::Tensor probs = cfg_.score_fn == "softmax" ? ro.scores : ro.scores / ro.scores.sum(-1, true);
   torch::Tensor p_local = probs.mean(0);  // [E], differentiable
   // One reduction carries everything global: [routed(E), dropped, tokens, prob sums(E), entropy sum].

@@ -7,8 +7,10 @@
 //   (capacity_factor 0) keeps everything.
 //
 // Send-buffer layout, ordered (peer, local expert, position):
-//   padded  (capacity mode): E * C rows; slot -> row e * C + pos; unused rows are padding
-//   compact (dropless mode): sum(kept) rows; slot -> row offset_e + pos
+//   padded : E * C rows; slot -> row e * C + pos; unused rows are padding
+//            (capacity mode across ranks: fixed-size all_to_all buffers)
+//   compact: sum(kept) rows; slot -> row offset_e + pos (dropless mode, and
+//            capacity mode on a single rank, where padding would buy nothing)
 // Expert e lives on rank e / E_local as local expert e % E_local.
 #pragma once
 #include <torch/types.h>
@@ -39,8 +41,10 @@ struct DispatchPlan {
 
 // expert_idx [T, k] int64; gate [T, k] (used by the probability policy).
 // capacity_factor 0 = dropless. policy: "position" | "probability".
+// `padded` asks for the padded layout (ignored in dropless mode).
 DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Tensor& gate, int64_t experts,
-                                int64_t ep, double capacity_factor, int64_t min_capacity, const std::string& policy);
+                                int64_t ep, double capacity_factor, int64_t min_capacity, const std::string& policy,
+                                bool padded = true);
 
 int64_t expert_capacity(int64_t tokens, int64_t top_k, int64_t experts, double capacity_factor, int64_t min_capacity);
 
