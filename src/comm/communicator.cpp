@@ -57,7 +57,8 @@ std::string counts_str(const std::vector<int64_t>& v) {
 }
 
 void Communicator::set_timeout_s(double seconds) {
-  MOE_CHECK_T(ConfigError, seconds > 0, "communicator timeout " << seconds << " s must be > 0");
+  MOE_CHECK_T(ConfigError, seconds > 0 && seconds <= 1e7,
+              "communicator timeout " << seconds << " s is out of range: allowed (0, 1e7]");
   timeout_s_ = seconds;
 }
 

@@ -225,7 +225,7 @@ Field int_list_field(const char* section, const char* key, SectionOf<S> sec,
                                   << scalar_text(n) << " (" << o.where(name, n) << ")");
     std::vector<int64_t> out;
     for (size_t i = 0; i < n.size(); ++i) {
-      const YAML::Node& item = n[i];
+      const YAML::Node item = n[i];
       std::string s = item.IsScalar() ? item.Scalar() : "";
       char* end = nullptr;
       errno = 0;
@@ -471,7 +471,7 @@ Config from_node(const YAML::Node& root, const Origin& origin) {
                                   " (allowed: model, moe, parallel, train, data, bench, sweep)")
                             : " (did you mean '" + near + "'?)"));
     }
-    const YAML::Node& body = it->second;
+    const YAML::Node body = it->second;  // a copy: yaml-cpp iterators yield temporaries
     if (body.IsNull()) continue;
     if (!body.IsMap())
       MOE_THROW(ConfigError, "section '" << section << "' must be a mapping of key: value, got "

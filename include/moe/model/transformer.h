@@ -1,0 +1,64 @@
+// Decoder-only transformer LM: token embedding, pre-norm blocks (RMSNorm,
+// causal multi-head attention with rotary positions, FFN), final RMSNorm,
+// tied or untied output head. Block i's FFN is an MoE layer when
+// (i + 1) % model.moe_every == 0 (so moe_every 1 = every block, 2 = every
+// second block), a dense SwiGLU MLP of width model.d_ff otherwise. The dense
+// twin (model.dense) makes every block dense with width
+// top_k * d_expert + shared_experts * d_expert: the MoE model's active
+// parameters per token.
+//
+// Every parameter is drawn from a generator seeded by (seed, its name), so
+// replicated (shared) parameters are identical on every rank and experts are
+// identical at any EP size.
+#pragma once
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moe/comm/communicator.h"
+#include "moe/config/config.h"
+#include "moe/moe/moe_layer.h"
+
+namespace moe {
+
+struct ModelCounts {
+  int64_t total_params = 0;   // whole model, all experts (global)
+  int64_t active_params = 0;  // used per token (top_k experts + shared)
+  int64_t expert_params = 0;  // global expert parameters
+  double flops_per_token = 0;  // forward, matrix products + attention scores
+};
+
+struct LMOutput {
+  torch::Tensor logits;  // [B, S, V]
+  torch::Tensor aux_loss, z_loss;  // summed over MoE layers
+  std::vector<LayerStats> stats;   // one per MoE layer
+};
+
+struct DenseMlp;
+struct Block;
+
+class TransformerLM : public torch::nn::Module {
+ public:
+  TransformerLM(const Config& cfg, comm::Communicator& ep_group, uint64_t seed);
+
+  // tokens [B, S] int64 in [0, vocab).
+  LMOutput forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed = 0);
+
+  const std::vector<std::shared_ptr<MoELayer>>& moe_layers() const { return moe_layers_; }
+  // Parameters sharded by expert (w1/w3/w2 of MoE layers) vs replicated ones, by name.
+  std::vector<std::pair<std::string, torch::Tensor>> expert_parameters() const;
+  std::vector<std::pair<std::string, torch::Tensor>> shared_parameters() const;
+  ModelCounts counts() const;
+
+ private:
+  Config cfg_;
+  torch::Tensor embedding_, head_, final_norm_;
+  std::vector<std::shared_ptr<Block>> blocks_;
+  std::vector<std::shared_ptr<MoELayer>> moe_layers_;
+  torch::Tensor rope_cos_, rope_sin_;
+};
+
+}  // namespace moe

@@ -1,0 +1,161 @@
+#include "moe/model/transformer.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+#include "moe/core/error.h"
+
+namespace moe {
+
+namespace {
+uint64_t name_seed(uint64_t seed, const std::string& name) {
+  uint64_t h = 1469598103934665603ull ^ seed;
+  for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+torch::Tensor init_normal(std::vector<int64_t> shape, double std, uint64_t seed, const std::string& name) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(name_seed(seed, name));
+  return at::normal(0.0, std, shape, gen);
+}
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps) * w;
+}
+// Rotates pairs (even, odd) of the last dimension by position-dependent angles.
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  // x [B, H, S, hd]; cos/sin [S, hd/2]
+  auto x2 = x.unflatten(-1, {-1, 2});
+  auto a = x2.select(-1, 0), b = x2.select(-1, 1);
+  return torch::stack({a * cos - b * sin, a * sin + b * cos}, -1).flatten(-2);
+}
+}  // namespace
+
+struct DenseMlp : torch::nn::Module {
+  torch::Tensor w1, w3, w2;
+  DenseMlp(int64_t D, int64_t F, uint64_t seed, const std::string& name) {
+    w1 = register_parameter("w1", init_normal({D, F}, 1.0 / std::sqrt(double(D)), seed, name + ".w1"));
+    w3 = register_parameter("w3", init_normal({D, F}, 1.0 / std::sqrt(double(D)), seed, name + ".w3"));
+    w2 = register_parameter("w2", init_normal({F, D}, 1.0 / std::sqrt(double(F)), seed, name + ".w2"));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return torch::mm(torch::silu(torch::mm(x, w1)) * torch::mm(x, w3), w2); }
+};
+
+struct Block : torch::nn::Module {
+  torch::Tensor norm1, norm2, wqkv, wo;
+  std::shared_ptr<DenseMlp> mlp;
+  std::shared_ptr<MoELayer> moe;
+};
+
+TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, uint64_t seed) : cfg_(cfg) {
+  const auto& m = cfg.model;
+  const int64_t D = m.d_model, V = m.vocab, hd = D / m.heads;
+  embedding_ = register_parameter("embedding", init_normal({V, D}, 0.02, seed, "embedding"));
+  if (!m.tie_embeddings) head_ = register_parameter("head", init_normal({V, D}, 0.02, seed, "head"));
+  final_norm_ = register_parameter("final_norm", torch::ones({D}));
+  const int64_t dense_twin_ff = cfg.moe.top_k * cfg.moe.d_expert + cfg.moe.shared_experts * cfg.moe.d_expert;
+  for (int64_t i = 0; i < m.layers; ++i) {
+    auto b = std::make_shared<Block>();
+    const std::string name = "layers." + std::to_string(i);
+    b->norm1 = b->register_parameter("norm1", torch::ones({D}));
+    b->norm2 = b->register_parameter("norm2", torch::ones({D}));
+    b->wqkv = b->register_parameter("wqkv", init_normal({D, 3 * D}, 1.0 / std::sqrt(double(D)), seed, name + ".wqkv"));
+    // Output projections start small (scaled by depth) so the residual stream starts near identity.
+    b->wo = b->register_parameter(
+        "wo", init_normal({D, D}, 1.0 / std::sqrt(double(D) * 2 * m.layers), seed, name + ".wo"));
+    const bool is_moe = !m.dense && (i + 1) % m.moe_every == 0;
+    if (is_moe) {
+      b->moe = b->register_module("moe", std::make_shared<MoELayer>(cfg.moe, D, ep_group, name_seed(seed, name + ".moe")));
+      moe_layers_.push_back(b->moe);
+    } else {
+      b->mlp = b->register_module("mlp", std::make_shared<DenseMlp>(D, m.dense ? dense_twin_ff : m.d_ff, seed, name + ".mlp"));
+    }
+    blocks_.push_back(register_module(name, b));
+  }
+  // Rotary tables for positions [0, seq_len).
+  auto inv = torch::pow(m.rope_theta, -torch::arange(0, hd, 2, torch::kFloat64) / double(hd));
+  auto ang = torch::outer(torch::arange(m.seq_len, torch::kFloat64), inv);
+  rope_cos_ = ang.cos().to(torch::kFloat32);
+  rope_sin_ = ang.sin().to(torch::kFloat32);
+}
+
+LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed) {
+  const auto& m = cfg_.model;
+  MOE_CHECK_T(ShapeError, tokens.dim() == 2 && tokens.scalar_type() == torch::kInt64,
+              "model input must be [batch, seq] int64 tokens, got " << comm::shape_str(tokens) << " "
+                                                                   << tokens.scalar_type());
+  const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model, H = m.heads, hd = D / H;
+  MOE_CHECK_T(ShapeError, S <= m.seq_len, "sequence length " << S << " exceeds model.seq_len = " << m.seq_len);
+  torch::Tensor x = embedding_.index_select(0, tokens.reshape({-1})).view({B, S, D});
+  torch::Tensor cos = rope_cos_.narrow(0, 0, S), sin = rope_sin_.narrow(0, 0, S);
+  torch::Tensor causal = torch::ones({S, S}, torch::kBool).triu(1);
+  LMOutput out;
+  out.aux_loss = torch::zeros({});
+  out.z_loss = torch::zeros({});
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& b = *blocks_[i];
+    torch::Tensor h = rms_norm(x, b.norm1, m.norm_eps);
+    torch::Tensor qkv = torch::matmul(h, b.wqkv).view({B, S, 3, H, hd}).permute({2, 0, 3, 1, 4});
+    torch::Tensor q = apply_rope(qkv[0], cos, sin), k = apply_rope(qkv[1], cos, sin), v = qkv[2];
+    torch::Tensor att = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(double(hd));
+    att = torch::softmax(att.masked_fill(causal, -std::numeric_limits<float>::infinity()), -1);
+    torch::Tensor a = torch::matmul(att, v).transpose(1, 2).reshape({B, S, D});
+    x = x + torch::matmul(a, b.wo);
+    torch::Tensor h2 = rms_norm(x, b.norm2, m.norm_eps).view({B * S, D});
+    torch::Tensor f;
+    if (b.moe) {
+      MoEOutput mo = b.moe->forward(h2, training, noise_seed * 1000003ull + i);
+      f = mo.y;
+      out.aux_loss = out.aux_loss + mo.aux_loss;
+      out.z_loss = out.z_loss + mo.z_loss;
+      out.stats.push_back(mo.stats);
+    } else {
+      f = b.mlp->forward(h2);
+    }
+    x = x + f.view({B, S, D});
+  }
+  x = rms_norm(x, final_norm_, m.norm_eps);
+  out.logits = torch::matmul(x, (head_.defined() ? head_ : embedding_).t());
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> TransformerLM::expert_parameters() const {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& p : named_parameters()) {
+    const std::string& n = p.key();
+    bool expert = n.find(".moe.w1") != std::string::npos || n.find(".moe.w2") != std::string::npos ||
+                  n.find(".moe.w3") != std::string::npos;
+    if (expert) out.emplace_back(n, p.value());
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> TransformerLM::shared_parameters() const {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  auto experts = expert_parameters();
+  for (const auto& p : named_parameters()) {
+    bool expert = false;
+    for (const auto& e : experts) expert = expert || e.first == p.key();
+    if (!expert) out.emplace_back(p.key(), p.value());
+  }
+  return out;
+}
+
+ModelCounts TransformerLM::counts() const {
+  ModelCounts c;
+  const auto& m = cfg_.model;
+  int64_t per_expert = (cfg_.moe.activation == "swiglu" ? 3 : 2) * m.d_model * cfg_.moe.d_expert;
+  int64_t shared = 0;
+  for (const auto& p : shared_parameters()) shared += p.second.numel();
+  int64_t moe_layers = static_cast<int64_t>(moe_layers_.size());
+  c.expert_params = moe_layers * cfg_.moe.experts * per_expert;
+  c.total_params = shared + c.expert_params;
+  c.active_params = shared + moe_layers * cfg_.moe.top_k * per_expert;
+  // Matrix products: 2 FLOPs per weight touched (embedding lookup excluded, head included),
+  // attention scores and values: 2 * 2 * S * D per layer (full, not causal-halved).
+  int64_t embedding = m.vocab * m.d_model;
+  c.flops_per_token = 2.0 * double(c.active_params - (m.tie_embeddings ? 0 : embedding)) +
+                      4.0 * double(m.layers * m.seq_len * m.d_model);
+  return c;
+}
+
+}  // namespace moe
