@@ -47,9 +47,6 @@ int run_config(const ConfigArgs& args) {
   return kExitOk;
 }
 
-int run_train(const TrainArgs&) {
-  return not_implemented("train");
-}
 int run_sweep(const SweepArgs&) {
   return not_implemented("sweep");
 }

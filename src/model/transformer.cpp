@@ -52,6 +52,7 @@ TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, ui
   embedding_ = register_parameter("embedding", init_normal({V, D}, 0.02, seed, "embedding"));
   if (!m.tie_embeddings) head_ = register_parameter("head", init_normal({V, D}, 0.02, seed, "head"));
   final_norm_ = register_parameter("final_norm", torch::ones({D}));
+  auto layer_list = register_module("layers", std::make_shared<torch::nn::Module>());
   const int64_t dense_twin_ff = cfg.moe.top_k * cfg.moe.d_expert + cfg.moe.shared_experts * cfg.moe.d_expert;
   for (int64_t i = 0; i < m.layers; ++i) {
     auto b = std::make_shared<Block>();
@@ -69,7 +70,7 @@ TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, ui
     } else {
       b->mlp = b->register_module("mlp", std::make_shared<DenseMlp>(D, m.dense ? dense_twin_ff : m.d_ff, seed, name + ".mlp"));
     }
-    blocks_.push_back(register_module(name, b));
+    blocks_.push_back(layer_list->register_module(std::to_string(i), b));
   }
   // Rotary tables for positions [0, seq_len).
   auto inv = torch::pow(m.rope_theta, -torch::arange(0, hd, 2, torch::kFloat64) / double(hd));

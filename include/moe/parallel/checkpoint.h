@@ -1,0 +1,47 @@
+// Checkpoints: RUN_DIR/checkpoints/step_NNNNNNNN/
+//   shared.safetensors        replicated parameters, router balance biases and
+//                             their AdamW moments (written by rank 0)
+//   experts.epK.safetensors   the experts of EP rank K, keyed by GLOBAL expert
+//                             id ("layers.1.moe.experts.5.w1"), with moments
+//                             (written by the dp_rank 0 replica)
+//   manifest.json             step, shapes of the run, size + FNV-1a 64 of each file
+// Written into step_N.tmp, flushed with fsync, then renamed: a crash
+// mid-write leaves the previous checkpoint intact. Because experts are keyed
+// globally, a checkpoint saved at EP=4 loads at EP=2 or EP=1. All randomness
+// of training derives from (seed, step, rank), so the step is the whole
+// data-position and RNG state.
+#pragma once
+#include <torch/optim/adamw.h>
+
+#include <string>
+
+#include "moe/comm/mesh.h"
+#include "moe/config/config.h"
+
+namespace moe {
+
+class TransformerLM;
+
+// Collective over mesh.world().
+void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& model, torch::optim::AdamW& optimizer,
+                     comm::ProcessMesh& mesh, const Config& cfg);
+
+// Loads the newest valid checkpoint under run_dir/checkpoints (corrupt ones
+// are skipped with a warning); returns its step. Throws CheckpointError
+// naming the file and the mismatch when none is valid or shapes/expert
+// counts disagree with the model.
+int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model, torch::optim::AdamW& optimizer,
+                        comm::ProcessMesh& mesh, const Config& cfg);
+
+// The newest valid checkpoint directory ("" if none); `problems` collects
+// why others were rejected.
+std::string find_checkpoint(const std::string& run_dir, std::string* problems = nullptr);
+
+// FNV-1a 64 of a file's bytes.
+uint64_t file_checksum(const std::string& path);
+
+// Test hook: when set, save_checkpoint throws after writing the temporary
+// files (simulating a crash before the rename).
+void set_checkpoint_crash_for_test(bool crash);
+
+}  // namespace moe

@@ -1,0 +1,36 @@
+// The training loop: world = ep x dp ranks on a ProcessMesh; each rank runs
+// its own micro-batches; after backward, replicated parameters are averaged
+// over the world and expert parameters over their expert-DP group, both
+// scaled so every gradient is that of the mean loss over the global batch
+// (world x batch x grad_accum sequences). Then global gradient-norm clipping,
+// AdamW with warmup + decay, and the aux-loss-free bias update from global
+// loads. Rank 0 logs progress and writes metrics.jsonl.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "moe/comm/communicator.h"
+#include "moe/config/config.h"
+
+namespace moe {
+
+struct TrainOptions {
+  std::string out_dir;     // config.yaml, metrics.jsonl, checkpoints/ ("" = nothing written)
+  std::string resume_dir;  // run directory to continue from ("" = fresh start)
+  bool quiet = false;      // no progress lines (tests)
+};
+
+struct TrainResult {
+  std::vector<double> losses;  // global mean loss per step run here
+  int64_t first_step = 0;      // 0, or the step resumed from
+  double tokens_per_s = 0;     // over the steps run here
+};
+
+// Collective over `world`. Throws ConfigError for layouts that do not fit.
+TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptions& opts);
+
+// Learning rate at `step` (0-based): linear warmup, then cosine / linear /
+// constant decay to lr * min_lr_ratio at the last step.
+double learning_rate(const TrainConfig& t, int64_t step);
+
+}  // namespace moe

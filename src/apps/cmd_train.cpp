@@ -1,0 +1,31 @@
+// `moe train CONFIG [overrides] [--ranks N] [--out DIR] [--resume DIR]`.
+#include "moe/apps/commands.h"
+#include "moe/apps/common.h"
+#include "moe/comm/launch.h"
+#include "moe/core/error.h"
+#include "moe/core/log.h"
+#include "moe/train/trainer.h"
+
+namespace moe::apps {
+
+int run_train(const TrainArgs& args) {
+  if (args.config_path.empty()) MOE_THROW(UsageError, "moe train: CONFIG file is required");
+  Config cfg = load_config(args.config_path, args.overrides);
+  const std::string backend = comm::resolve_backend(cfg.parallel.backend);
+  const int nthreads = thread_ranks(args.ranks, cfg);
+  if (backend == "thread") resolve_layout(cfg, nthreads);  // fail before starting threads
+  TrainOptions opts;
+  opts.out_dir = args.out_dir;
+  opts.resume_dir = args.resume_dir;
+  if (!opts.resume_dir.empty() && opts.out_dir.empty()) opts.out_dir = opts.resume_dir;
+  comm::run_on_world(backend, nthreads, cfg.parallel.timeout_s, [&](comm::Communicator& world) {
+    TrainResult r = train(world, cfg, opts);
+    if (world.rank() == 0 && !r.losses.empty())
+      MOE_LOG(Info) << "done: loss " << r.losses.front() << " -> " << r.losses.back() << " over "
+                    << r.losses.size() << " steps, " << static_cast<int64_t>(r.tokens_per_s) << " tokens/s"
+                    << (opts.out_dir.empty() ? "" : "; outputs in " + opts.out_dir);
+  });
+  return kExitOk;
+}
+
+}  // namespace moe::apps

@@ -1,0 +1,195 @@
+#include "moe/train/trainer.h"
+
+#include <sys/stat.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/optim/adamw.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "moe/comm/mesh.h"
+#include "moe/core/error.h"
+#include "moe/core/log.h"
+#include "moe/core/timer.h"
+#include "moe/model/transformer.h"
+#include "moe/parallel/checkpoint.h"
+#include "moe/parallel/grad_sync.h"
+#include "moe/train/data.h"
+
+namespace moe {
+
+double learning_rate(const TrainConfig& t, int64_t step) {
+  if (t.warmup > 0 && step < t.warmup) return t.lr * double(step + 1) / double(t.warmup);
+  const double floor = t.lr * t.min_lr_ratio;
+  const int64_t span = std::max<int64_t>(1, t.steps - t.warmup - 1);
+  const double p = std::min(1.0, double(step - t.warmup) / double(span));
+  if (t.schedule == "constant") return t.lr;
+  if (t.schedule == "linear") return t.lr + (floor - t.lr) * p;
+  return floor + 0.5 * (t.lr - floor) * (1.0 + std::cos(M_PI * p));
+}
+
+namespace {
+
+void make_dirs(const std::string& path) {
+  std::string cur;
+  std::stringstream ss(path);
+  std::string part;
+  if (!path.empty() && path[0] == '/') cur = "/";
+  while (std::getline(ss, part, '/')) {
+    if (part.empty()) continue;
+    cur += part + "/";
+    if (::mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST)
+      MOE_THROW(DataError, "cannot create directory '" << cur << "': " << std::strerror(errno));
+  }
+}
+
+std::string fmt_eta(double s) {
+  char buf[32];
+  int m = static_cast<int>(s) / 60, sec = static_cast<int>(s) % 60;
+  std::snprintf(buf, sizeof buf, "%dm%02ds", m, sec);
+  return buf;
+}
+
+}  // namespace
+
+TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptions& opts) {
+  const ParallelLayout layout = resolve_layout(cfg, world.size());
+  comm::check_world_consistency(world, config_hash(cfg));
+  comm::ProcessMesh mesh(world, layout.ep, layout.dp);
+  const bool lead = world.rank() == 0;
+  const auto& t = cfg.train;
+  const int W = world.size();
+
+  TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(t.seed));
+  auto data = make_data_source(cfg, world.rank(), W);
+  GradSync sync(model, mesh, cfg.parallel.grad_bucket_mb);
+
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const auto& p : model.parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(
+                                 torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(t.weight_decay)));
+  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(
+                                    torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(0.0)));
+  torch::optim::AdamW optimizer(std::move(groups));
+
+  TrainResult result;
+  int64_t start_step = 0;
+  if (!opts.resume_dir.empty()) {
+    start_step = load_checkpoint(opts.resume_dir, model, optimizer, mesh, cfg);
+    result.first_step = start_step;
+  }
+
+  std::ofstream metrics;
+  if (lead && !opts.out_dir.empty()) {
+    make_dirs(opts.out_dir);
+    std::ofstream(opts.out_dir + "/config.yaml") << dump_config(cfg);
+    metrics.open(opts.out_dir + "/metrics.jsonl", start_step > 0 ? std::ios::app : std::ios::trunc);
+    if (!metrics) MOE_THROW(DataError, "cannot write '" << opts.out_dir << "/metrics.jsonl'");
+  }
+  const ModelCounts counts = model.counts();
+  const int64_t tokens_per_step = W * t.batch * t.grad_accum * cfg.model.seq_len;
+  if (lead && !opts.quiet) {
+    MOE_LOG(Info) << "model: " << cfg.model.layers << " layers (" << model.moe_layers().size() << " MoE), d_model "
+                  << cfg.model.d_model << ", " << cfg.moe.experts << " experts top-" << cfg.moe.top_k
+                  << (cfg.model.dense ? " (dense twin)" : "") << "; params total " << counts.total_params
+                  << ", active/token " << counts.active_params << ", forward FLOPs/token "
+                  << static_cast<int64_t>(counts.flops_per_token);
+    MOE_LOG(Info) << "parallel: " << W << " ranks (" << world.backend_name() << "), ep " << layout.ep << " x dp "
+                  << layout.dp << "; global batch " << W * t.batch * t.grad_accum << " sequences = "
+                  << tokens_per_step << " tokens/step; data: " << data->describe();
+  }
+
+  const int64_t V = cfg.model.vocab;
+  Stopwatch run_clock;
+  double run_tokens = 0;
+  for (int64_t step = start_step; step < t.steps; ++step) {
+    Stopwatch step_clock;
+    const double lr = learning_rate(t, step);
+    for (auto& g : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+    optimizer.zero_grad();
+    double lm_sum = 0, aux_sum = 0, z_sum = 0, drop_sum = 0;
+    std::vector<std::vector<int64_t>> loads;
+    for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
+      Batch b = data->batch(step, micro, t.batch);
+      uint64_t noise = mix_seed(mix_seed(static_cast<uint64_t>(t.seed), step), micro * 4096 + world.rank());
+      LMOutput out = model.forward(b.inputs, /*training=*/true, noise);
+      torch::Tensor lm = torch::nn::functional::cross_entropy(out.logits.view({-1, V}), b.targets.view({-1}));
+      torch::Tensor loss = (lm + out.aux_loss + out.z_loss) / double(t.grad_accum);
+      loss.backward();
+      lm_sum += lm.item<double>();
+      aux_sum += out.aux_loss.item<double>();
+      z_sum += out.z_loss.item<double>();
+      for (size_t l = 0; l < out.stats.size(); ++l) {
+        if (loads.size() <= l) loads.emplace_back(cfg.moe.experts, 0);
+        for (int64_t e = 0; e < cfg.moe.experts; ++e) loads[l][e] += out.stats[l].tokens_per_expert[e];
+        drop_sum += out.stats[l].drop_fraction / double(out.stats.size());
+      }
+    }
+    const double grad_norm = sync.synchronize_and_clip(t.clip);
+    optimizer.step();
+
+    // Loads are EP-group-global; summing over the expert-DP group makes them world-global,
+    // identical on every rank (so every replica of the router bias moves the same way).
+    std::vector<std::vector<int64_t>> world_loads;
+    for (auto& l : loads) {
+      torch::Tensor lt = torch::tensor(l, torch::kInt64);
+      mesh.expert_dp_group().all_reduce(lt, comm::ReduceOp::Sum);
+      world_loads.emplace_back(lt.data_ptr<int64_t>(), lt.data_ptr<int64_t>() + lt.numel());
+    }
+    for (size_t l = 0; l < world_loads.size(); ++l) {
+      LayerStats s;
+      s.tokens_per_expert = world_loads[l];
+      model.moe_layers()[l]->update_balance_bias(s);
+    }
+    torch::Tensor scalars = torch::tensor({lm_sum, aux_sum, z_sum, drop_sum}, torch::kFloat64) / double(t.grad_accum);
+    world.all_reduce(scalars, comm::ReduceOp::Avg);
+    const double* sc = scalars.data_ptr<double>();
+    const double loss = sc[0] + sc[1] + sc[2];
+    if (!std::isfinite(loss))
+      MOE_THROW(NumericError, "loss is " << loss << " at step " << step << " (lm " << sc[0] << ", aux " << sc[1]
+                                         << ", z " << sc[2] << "): lower train.lr or raise train.warmup");
+    result.losses.push_back(loss);
+    const double secs = step_clock.seconds();
+    run_tokens += double(tokens_per_step);
+    const double tps = double(tokens_per_step) / secs;
+
+    if (lead) {
+      double max_load = 0, mean_load = 0;
+      for (const auto& l : world_loads) {
+        double mx = 0, sum = 0;
+        for (auto c : l) mx = std::max(mx, double(c)), sum += double(c);
+        max_load += mx / double(world_loads.size());
+        mean_load += sum / double(l.size()) / double(world_loads.size());
+      }
+      if (metrics.is_open()) {
+        nlohmann::json j = {{"step", step + 1},      {"loss", loss},       {"lm_loss", sc[0]},
+                            {"aux_loss", sc[1]},     {"z_loss", sc[2]},    {"lr", lr},
+                            {"grad_norm", grad_norm}, {"tokens_per_s", tps}, {"drop_frac", sc[3]},
+                            {"expert_load", world_loads}};
+        metrics << j.dump() << "\n";
+        metrics.flush();
+      }
+      if (!opts.quiet && ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step)) {
+        const double done = run_clock.seconds();
+        const double eta = done / double(step + 1 - start_step) * double(t.steps - step - 1);
+        char line[256];
+        std::snprintf(line, sizeof line,
+                      "step %lld/%lld  loss %.4f  aux %.4f  tok/s %.0f  load max/mean %.2f  dropped %.1f%%  lr %.2e  "
+                      "ETA %s",
+                      static_cast<long long>(step + 1), static_cast<long long>(t.steps), loss, sc[1], tps,
+                      mean_load > 0 ? max_load / mean_load : 0.0, 100 * sc[3], lr, fmt_eta(eta).c_str());
+        MOE_LOG(Info) << line;
+      }
+    }
+    const bool last = step + 1 == t.steps;
+    if (!opts.out_dir.empty() && ((t.ckpt_every > 0 && (step + 1) % t.ckpt_every == 0) || last))
+      save_checkpoint(opts.out_dir, step + 1, model, optimizer, mesh, cfg);
+  }
+  result.tokens_per_s = run_tokens / std::max(1e-9, run_clock.seconds());
+  return result;
+}
+
+}  // namespace moe
