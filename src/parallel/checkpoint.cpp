@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -21,7 +22,7 @@ namespace moe {
 
 namespace {
 
-bool g_crash_for_test = false;
+std::atomic<int> g_crash_countdown{0};
 
 void mkdir_p(const std::string& path) {
   std::string cur;
@@ -92,7 +93,7 @@ std::string expert_key(const std::string& name, int64_t e) {
 
 }  // namespace
 
-void set_checkpoint_crash_for_test(bool crash) { g_crash_for_test = crash; }
+void set_checkpoint_crash_for_test(int nth_save) { g_crash_countdown = nth_save; }
 
 uint64_t file_checksum(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -151,7 +152,12 @@ void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& mo
                         {{"step", std::to_string(step)}});
   }
   world.barrier();
-  if (g_crash_for_test) MOE_THROW(CheckpointError, "simulated crash after writing '" << tmp_dir << "'");
+  // Every rank decides alike: rank 0 counts down, the barrier orders it before the others read.
+  int crash = 0;
+  if (world.rank() == 0 && g_crash_countdown > 0) crash = --g_crash_countdown == 0 ? 1 : 0;
+  torch::Tensor flag = torch::tensor({int64_t(crash)}, torch::kInt64);
+  world.broadcast(flag, 0);
+  if (flag.item<int64_t>()) MOE_THROW(CheckpointError, "simulated crash after writing '" << tmp_dir << "'");
   if (world.rank() == 0) {
     nlohmann::json files = nlohmann::json::object();
     DIR* d = ::opendir(tmp_dir.c_str());

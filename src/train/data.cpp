@@ -32,14 +32,19 @@ uint64_t batch_seed(uint64_t seed, int64_t step, int64_t micro, int rank) {
 class SyntheticData : public DataSource {
  public:
   SyntheticData(const Config& cfg, int rank) : cfg_(cfg), rank_(rank) {}
+  // Sequence i of rank r's micro-batch is global sequence r * B + i, seeded by
+  // (seed, step, micro, global index): the global batch is the same at every
+  // layout with the same world x batch, which parity tests rely on.
   Batch batch(int64_t step, int64_t micro, int64_t B) const override {
     const int64_t S = cfg_.model.seq_len, V = cfg_.model.vocab;
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(batch_seed(cfg_.train.seed, step, micro, rank_));
-    torch::Tensor start = torch::randint(V, {B, 1}, gen, torch::kInt64);
     const int64_t deltas[] = {1, 2, 3, 5};
-    torch::Tensor pick = torch::randint(4, {B, 1}, gen, torch::kInt64);
-    torch::Tensor delta = torch::tensor({deltas[0], deltas[1], deltas[2], deltas[3]}, torch::kInt64).index({pick});
-    torch::Tensor seq = (start + torch::arange(S + 1, torch::kInt64).unsqueeze(0) * delta).remainder(V);
+    torch::Tensor seq = torch::empty({B, S + 1}, torch::kInt64);
+    for (int64_t i = 0; i < B; ++i) {
+      uint64_t g = mix_seed(mix_seed(mix_seed(cfg_.train.seed, step), micro), rank_ * B + i);
+      const int64_t start = static_cast<int64_t>(g % static_cast<uint64_t>(V));
+      const int64_t delta = deltas[(g >> 32) % 4];
+      seq[i] = (start + torch::arange(S + 1, torch::kInt64) * delta).remainder(V);
+    }
     return {seq.narrow(1, 0, S).contiguous(), seq.narrow(1, 1, S).contiguous()};
   }
   std::string describe() const override { return "synthetic arithmetic sequences"; }

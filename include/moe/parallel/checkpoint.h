@@ -40,8 +40,8 @@ std::string find_checkpoint(const std::string& run_dir, std::string* problems = 
 // FNV-1a 64 of a file's bytes.
 uint64_t file_checksum(const std::string& path);
 
-// Test hook: when set, save_checkpoint throws after writing the temporary
-// files (simulating a crash before the rename).
-void set_checkpoint_crash_for_test(bool crash);
+// Test hook: the n-th save_checkpoint from now (1 = the next) throws after
+// writing its temporary files, simulating a crash before the rename; 0 = never.
+void set_checkpoint_crash_for_test(int nth_save);
 
 }  // namespace moe

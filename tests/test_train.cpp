@@ -1,0 +1,276 @@
+// Training tests: EP x DP parity against one rank on the concatenated global
+// batch, resume (bitwise and resharded), crash safety, learning, bad input.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "moe/comm/thread_comm.h"
+#include "moe/core/error.h"
+#include "moe/core/log.h"
+#include "moe/parallel/checkpoint.h"
+#include "moe/parallel/safetensors.h"
+#include "moe/train/trainer.h"
+#if MOE_HAVE_MPI
+#include "moe/comm/mpi_comm.h"
+#endif
+
+using namespace moe;
+
+namespace {
+
+std::string fresh_dir(const std::string& name) {
+  std::string d = testing::TempDir() + "moe_train_" + name + "_" + std::to_string(::getpid());
+  std::system(("rm -rf '" + d + "'").c_str());
+  return d;
+}
+
+// A small model on synthetic data; dropless so the layouts route identically.
+Config small_config(int64_t world, int64_t ep, int64_t steps, std::vector<std::string> extra = {}) {
+  std::vector<std::string> ov = {"model.vocab=32",      "model.d_model=32",   "model.layers=2",
+                                 "model.heads=2",       "model.d_ff=64",      "model.seq_len=12",
+                                 "moe.experts=4",       "moe.top_k=2",        "moe.d_expert=24",
+                                 "moe.capacity_factor=0", "moe.aux_loss_coef=0", "moe.z_loss_coef=0.001",
+                                 "train.warmup=2",      "train.lr=0.003",     "train.log_every=1000",
+                                 "train.steps=" + std::to_string(steps),
+                                 "train.batch=" + std::to_string(8 / world),
+                                 "parallel.ep=" + std::to_string(ep), "parallel.dp=" + std::to_string(world / ep)};
+  ov.insert(ov.end(), extra.begin(), extra.end());
+  return default_config(ov);
+}
+
+TrainResult run(int world, const Config& cfg, const TrainOptions& opts) {
+  TrainResult out;
+  comm::run_ranks(world, 60.0, [&](comm::Communicator& c) {
+    TrainResult r = train(c, cfg, opts);
+    if (c.rank() == 0) out = r;
+  });
+  return out;
+}
+
+// Every tensor of a run's final checkpoint, keyed globally (experts from all files).
+std::map<std::string, torch::Tensor> checkpoint_tensors(const std::string& run_dir) {
+  std::string dir = find_checkpoint(run_dir);
+  EXPECT_FALSE(dir.empty()) << run_dir;
+  std::map<std::string, torch::Tensor> all;
+  for (const char* f : {"shared.safetensors", "experts.ep0.safetensors", "experts.ep1.safetensors",
+                        "experts.ep2.safetensors", "experts.ep3.safetensors"}) {
+    struct stat st;
+    std::string path = dir + "/" + f;
+    if (::stat(path.c_str(), &st) != 0) continue;
+    for (auto& [k, v] : read_safetensors(path))
+      if (k.rfind("param.", 0) == 0) all[k] = v;
+  }
+  return all;
+}
+
+void expect_same_params(const std::string& a, const std::string& b, double tol) {
+  auto ta = checkpoint_tensors(a), tb = checkpoint_tensors(b);
+  ASSERT_EQ(ta.size(), tb.size());
+  ASSERT_GT(ta.size(), 10u);
+  for (auto& [k, v] : ta) {
+    ASSERT_TRUE(tb.count(k)) << k;
+    double diff = (v - tb[k]).abs().max().item<double>();
+    EXPECT_LE(diff, tol) << k;
+  }
+}
+
+void expect_losses_close(const std::vector<double>& a, const std::vector<double>& b, double tol) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], tol) << "step " << i;
+}
+
+struct Layout {
+  int world, ep;
+};
+
+}  // namespace
+
+class TrainParity : public testing::TestWithParam<Layout> {};
+
+// The DeepSpeed #5618 class of bug (expert gradients scaled by the DP size
+// instead of the world) makes this fail at every layout with dp > 1.
+TEST_P(TrainParity, MatchesOneRankOnTheConcatenatedBatch) {
+  const Layout l = GetParam();
+  std::string ref_dir = fresh_dir("ref"), dir = fresh_dir("par");
+  TrainOptions quiet;
+  quiet.quiet = true;
+  TrainOptions ro = quiet, po = quiet;
+  ro.out_dir = ref_dir;
+  po.out_dir = dir;
+  TrainResult ref = run(1, small_config(1, 1, 5), ro);
+  TrainResult par = run(l.world, small_config(l.world, l.ep, 5), po);
+  expect_losses_close(par.losses, ref.losses, 1e-5);
+  expect_same_params(dir, ref_dir, 1e-4);
+}
+INSTANTIATE_TEST_SUITE_P(Layouts, TrainParity,
+                         testing::Values(Layout{4, 2}, Layout{4, 4}, Layout{4, 1}, Layout{2, 2}),
+                         [](const testing::TestParamInfo<Layout>& i) {
+                           return "ep" + std::to_string(i.param.ep) + "_dp" +
+                                  std::to_string(i.param.world / i.param.ep);
+                         });
+
+TEST(TrainParityAux, GlobalAuxLossAtFullEp) {
+  // With dp = 1 the EP group is the world, so global aux statistics equal the reference's.
+  std::vector<std::string> aux = {"moe.aux_loss_coef=0.05", "moe.bias_update_rate=0.01"};
+  TrainOptions q;
+  q.quiet = true;
+  TrainResult ref = run(1, small_config(1, 1, 5, aux), q);
+  TrainResult par = run(4, small_config(4, 4, 5, aux), q);
+  expect_losses_close(par.losses, ref.losses, 1e-5);
+}
+
+TEST(TrainResume, BitwiseAtTheSameLayout) {
+  std::string dir = fresh_dir("resume");
+  TrainOptions o;
+  o.quiet = true;
+  o.out_dir = dir;
+  Config cfg = small_config(2, 2, 6, {"train.ckpt_every=3"});
+  TrainResult full = run(2, cfg, o);
+  ASSERT_EQ(full.losses.size(), 6u);
+  std::system(("rm -rf '" + dir + "/checkpoints/step_00000006'").c_str());
+  o.resume_dir = dir;
+  TrainResult resumed = run(2, cfg, o);
+  EXPECT_EQ(resumed.first_step, 3);
+  ASSERT_EQ(resumed.losses.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(resumed.losses[i], full.losses[3 + i]) << "step " << 3 + i;
+}
+
+TEST(TrainResume, ReshardedFromEp4ToEp2AndEp1) {
+  std::string dir = fresh_dir("reshard");
+  TrainOptions o;
+  o.quiet = true;
+  o.out_dir = dir;
+  TrainResult full = run(4, small_config(4, 4, 6, {"train.ckpt_every=3"}), o);
+  std::system(("rm -rf '" + dir + "/checkpoints/step_00000006'").c_str());
+  for (Layout l : {Layout{2, 2}, Layout{1, 1}}) {
+    SCOPED_TRACE("resume at ep " + std::to_string(l.ep));
+    std::string copy = fresh_dir("reshard_ep" + std::to_string(l.ep));
+    std::system(("cp -r '" + dir + "' '" + copy + "'").c_str());
+    TrainOptions r = o;
+    r.out_dir = r.resume_dir = copy;
+    TrainResult resumed = run(l.world, small_config(l.world, l.ep, 6, {"train.ckpt_every=3"}), r);
+    EXPECT_EQ(resumed.first_step, 3);
+    ASSERT_EQ(resumed.losses.size(), 3u);
+    for (int i = 0; i < 3; ++i) EXPECT_NEAR(resumed.losses[i], full.losses[3 + i], 1e-5);
+  }
+}
+
+TEST(TrainCheckpoint, CrashDuringWriteKeepsThePreviousCheckpoint) {
+  std::string dir = fresh_dir("crash");
+  TrainOptions o;
+  o.quiet = true;
+  o.out_dir = dir;
+  Config cfg = small_config(2, 2, 6, {"train.ckpt_every=3"});
+  set_checkpoint_crash_for_test(2);  // the step-6 save dies after its temporary files
+  EXPECT_THROW(run(2, cfg, o), CheckpointError);
+  set_checkpoint_crash_for_test(0);
+  struct stat st;
+  EXPECT_EQ(::stat((dir + "/checkpoints/step_00000006.tmp").c_str(), &st), 0) << "temporary files were written";
+  EXPECT_EQ(find_checkpoint(dir), dir + "/checkpoints/step_00000003");
+  o.resume_dir = dir;
+  TrainResult resumed = run(2, cfg, o);
+  EXPECT_EQ(resumed.first_step, 3);
+  EXPECT_EQ(resumed.losses.size(), 3u);
+}
+
+TEST(TrainCheckpoint, CorruptOrMismatchedCheckpointsAreTypedErrors) {
+  std::string dir = fresh_dir("corrupt");
+  TrainOptions o;
+  o.quiet = true;
+  o.out_dir = dir;
+  Config cfg = small_config(1, 1, 2);
+  run(1, cfg, o);
+  o.resume_dir = dir;
+  // Wrong expert count.
+  try {
+    run(1, small_config(1, 1, 4, {"moe.experts=8"}), o);
+    FAIL() << "no CheckpointError";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("moe.experts = 8"), std::string::npos) << e.what();
+  }
+  // Flip a byte: the checksum catches it and no valid checkpoint remains.
+  std::string file = dir + "/checkpoints/step_00000002/shared.safetensors";
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(200);
+    f.put('\x7f');
+  }
+  try {
+    run(1, small_config(1, 1, 4), o);
+    FAIL() << "no CheckpointError";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("shared.safetensors fails its checksum"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(read_safetensors(dir + "/nonexistent.safetensors"), CheckpointError);
+}
+
+TEST(TrainLearning, TinyConfigLossFalls) {
+  Config cfg = load_config(std::string(MOE_SOURCE_DIR) + "/configs/tiny.yaml");
+  TrainOptions o;
+  o.quiet = true;
+  TrainResult r = run(2, cfg, o);
+  ASSERT_EQ(static_cast<int64_t>(r.losses.size()), cfg.train.steps);
+  double first = r.losses.front(), last = r.losses.back();
+  EXPECT_LT(last, first - 0.5) << "loss " << first << " -> " << last;
+}
+
+TEST(TrainBadInput, MissingDataAndBadLayouts) {
+  TrainOptions o;
+  o.quiet = true;
+  Config text = small_config(1, 1, 2, {"data.kind=text", "data.path=/nonexistent/corpus", "model.vocab=256"});
+  try {
+    run(1, text, o);
+    FAIL();
+  } catch (const DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent/corpus"), std::string::npos) << e.what();
+  }
+  std::string tiny_file = fresh_dir("short") + ".txt";
+  std::ofstream(tiny_file) << "too short";
+  Config short_text = small_config(1, 1, 2, {"data.kind=text", "data.path=" + tiny_file, "model.vocab=256"});
+  EXPECT_THROW(run(1, short_text, o), DataError);
+  EXPECT_THROW(run(3, small_config(1, 1, 2, {"parallel.ep=0", "parallel.dp=0"}), o), ConfigError);  // 4 experts, ep 3
+}
+
+TEST(TrainSchedule, WarmupThenCosineToFloor) {
+  TrainConfig t;
+  t.lr = 1.0;
+  t.warmup = 4;
+  t.steps = 14;
+  t.min_lr_ratio = 0.1;
+  EXPECT_DOUBLE_EQ(learning_rate(t, 0), 0.25);
+  EXPECT_DOUBLE_EQ(learning_rate(t, 3), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(t, 4), 1.0);
+  EXPECT_NEAR(learning_rate(t, 13), 0.1, 1e-12);
+  t.schedule = "constant";
+  EXPECT_DOUBLE_EQ(learning_rate(t, 10), 1.0);
+}
+
+#if MOE_HAVE_MPI
+TEST(MpiTrainParity, Ep2MatchesOneRank) {
+  if (!comm::MpiComm::launched_by_mpirun()) GTEST_SKIP() << "run under mpirun (ctest does)";
+  auto world = comm::MpiComm::world(60.0);
+  set_current_rank(world->rank());
+  TrainOptions q;
+  q.quiet = true;
+  TrainResult par = train(*world, small_config(2, 2, 5), q);
+  // The reference runs inside each process on a private one-rank world.
+  TrainResult ref;
+  comm::run_ranks(1, 60.0, [&](comm::Communicator& c) { ref = train(c, small_config(1, 1, 5), q); });
+  set_current_rank(world->rank());
+  expect_losses_close(par.losses, ref.losses, 1e-5);
+  world->barrier();
+}
+#endif
+
+int main(int argc, char** argv) {
+  testing::InitGoogleTest(&argc, argv);
+  int rc = RUN_ALL_TESTS();
+#if MOE_HAVE_MPI
+  comm::MpiComm::finalize();
+#endif
+  return rc;
+}
