@@ -235,6 +235,47 @@ TEST(TrainBadInput, MissingDataAndBadLayouts) {
   EXPECT_THROW(run(3, small_config(1, 1, 2, {"parallel.ep=0", "parallel.dp=0"}), o), ConfigError);  // 4 experts, ep 3
 }
 
+namespace {
+int run_moe(const std::string& args, std::string* output = nullptr) {
+  std::string cmd = std::string(MOE_BINARY) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  int status = pclose(p);
+  if (output) *output = out;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+}  // namespace
+
+TEST(TrainCli, CheckpointInfoExportImportRoundTrip) {
+  std::string dir = fresh_dir("cli"), dir2 = fresh_dir("cli_import"), file = fresh_dir("cli") + ".safetensors";
+  std::string tiny = std::string(MOE_SOURCE_DIR) + "/configs/tiny.yaml";
+  std::string out;
+  ASSERT_EQ(run_moe("train " + tiny + " train.steps=3 moe.shared_experts=1 --ranks 2 --out " + dir, &out), 0) << out;
+  ASSERT_EQ(run_moe("ckpt info " + dir, &out), 0) << out;
+  EXPECT_NE(out.find("step          3"), std::string::npos) << out;
+  EXPECT_NE(out.find("checksums verified"), std::string::npos) << out;
+  ASSERT_EQ(run_moe("ckpt export " + dir + " --safetensors " + file, &out), 0) << out;
+  auto mixtral = read_safetensors(file);
+  EXPECT_TRUE(mixtral.count("model.layers.0.block_sparse_moe.experts.3.w1.weight")) << out;
+  EXPECT_TRUE(mixtral.count("model.layers.1.block_sparse_moe.gate.weight"));
+  EXPECT_EQ(mixtral["model.layers.0.block_sparse_moe.experts.0.w1.weight"].size(0), 64);  // [H, D]
+  ASSERT_EQ(run_moe("ckpt import " + dir2 + " --safetensors " + file, &out), 0) << out;
+  auto a = checkpoint_tensors(dir), b = checkpoint_tensors(dir2);
+  ASSERT_EQ(a.size(), b.size());
+  for (auto& [k, v] : a) {
+    ASSERT_TRUE(b.count(k)) << k;
+    EXPECT_TRUE(torch::equal(v, b[k])) << k;
+  }
+  // The imported checkpoint resumes (at another EP size).
+  EXPECT_EQ(run_moe("train " + tiny + " train.steps=2 moe.shared_experts=1 --ranks 4 --resume " + dir2, &out), 0) << out;
+  // Exit codes: missing checkpoint 2, missing data file 2.
+  EXPECT_EQ(run_moe("ckpt info /nonexistent/run"), 2);
+  EXPECT_EQ(run_moe("train " + tiny + " data.kind=text data.path=/nonexistent model.vocab=256"), 2);
+}
+
 TEST(TrainSchedule, WarmupThenCosineToFloor) {
   TrainConfig t;
   t.lr = 1.0;

@@ -50,8 +50,5 @@ int run_config(const ConfigArgs& args) {
 int run_sweep(const SweepArgs&) {
   return not_implemented("sweep");
 }
-int run_ckpt(const CkptArgs& args) {
-  return not_implemented("ckpt " + args.action);
-}
 
 }  // namespace moe::apps

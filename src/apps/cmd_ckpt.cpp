@@ -1,0 +1,252 @@
+// `moe ckpt info|export|import|upcycle|prune`.
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <regex>
+
+#include "moe/apps/commands.h"
+#include "moe/core/error.h"
+#include "moe/parallel/checkpoint.h"
+#include "moe/parallel/safetensors.h"
+
+namespace moe::apps {
+
+namespace {
+
+// DIR may be a run directory (newest valid checkpoint) or a checkpoint directory.
+std::string resolve_checkpoint_dir(const std::string& dir) {
+  struct stat st;
+  if (::stat((dir + "/manifest.json").c_str(), &st) == 0) return dir;
+  std::string problems;
+  std::string found = find_checkpoint(dir, &problems);
+  if (found.empty()) MOE_THROW(CheckpointError, "no valid checkpoint in '" << dir << "': " << problems);
+  return found;
+}
+
+nlohmann::json read_manifest(const std::string& ckpt) {
+  std::ifstream in(ckpt + "/manifest.json");
+  nlohmann::json m;
+  try {
+    in >> m;
+  } catch (const std::exception& e) {
+    MOE_THROW(CheckpointError, ckpt << "/manifest.json is unreadable: " << e.what());
+  }
+  return m;
+}
+
+// All "param."/"buffer." tensors of a checkpoint, keys without the prefix kind kept.
+std::map<std::string, torch::Tensor> read_checkpoint(const std::string& ckpt, const nlohmann::json& m) {
+  std::map<std::string, torch::Tensor> all;
+  for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
+    const std::string path = ckpt + "/" + it.key();
+    if (file_checksum(path) != it.value()["fnv1a64"].get<uint64_t>())
+      MOE_THROW(CheckpointError, path << " fails its checksum (the manifest records another content)");
+    for (auto& [k, v] : read_safetensors(path))
+      if (k.rfind("param.", 0) == 0 || k.rfind("buffer.", 0) == 0) all[k] = v;
+  }
+  return all;
+}
+
+// Our names <-> Mixtral / Hugging Face names (nn.Linear weights are [out, in]).
+struct NameMap {
+  std::string ours, theirs;
+  bool transpose;
+};
+
+std::map<std::string, torch::Tensor> to_mixtral(const std::map<std::string, torch::Tensor>& ours) {
+  std::map<std::string, torch::Tensor> out;
+  const std::regex expert(R"(param\.layers\.(\d+)\.moe\.experts\.(\d+)\.(w[123]))");
+  const std::regex layer(R"((param|buffer)\.layers\.(\d+)\.(.+))");
+  for (const auto& [k, v] : ours) {
+    std::smatch m;
+    if (k == "param.embedding") {
+      out["model.embed_tokens.weight"] = v;
+    } else if (k == "param.head") {
+      out["lm_head.weight"] = v;
+    } else if (k == "param.final_norm") {
+      out["model.norm.weight"] = v;
+    } else if (std::regex_match(k, m, expert)) {
+      out["model.layers." + m[1].str() + ".block_sparse_moe.experts." + m[2].str() + "." + m[3].str() + ".weight"] =
+          v.t().contiguous();
+    } else if (std::regex_match(k, m, layer)) {
+      const std::string pre = "model.layers." + m[2].str() + ".", rest = m[3].str();
+      if (rest == "norm1") {
+        out[pre + "input_layernorm.weight"] = v;
+      } else if (rest == "norm2") {
+        out[pre + "post_attention_layernorm.weight"] = v;
+      } else if (rest == "wqkv") {
+        const int64_t D = v.size(0);
+        out[pre + "self_attn.q_proj.weight"] = v.narrow(1, 0, D).t().contiguous();
+        out[pre + "self_attn.k_proj.weight"] = v.narrow(1, D, D).t().contiguous();
+        out[pre + "self_attn.v_proj.weight"] = v.narrow(1, 2 * D, D).t().contiguous();
+      } else if (rest == "wo") {
+        out[pre + "self_attn.o_proj.weight"] = v.t().contiguous();
+      } else if (rest == "moe.router.weight") {
+        out[pre + "block_sparse_moe.gate.weight"] = v;
+      } else if (rest == "moe.router.balance_bias") {
+        out[pre + "block_sparse_moe.gate.balance_bias"] = v;
+      } else if (rest == "mlp.w1" || rest == "mlp.w3" || rest == "mlp.w2") {
+        const char* n = rest == "mlp.w1" ? "gate_proj" : rest == "mlp.w3" ? "up_proj" : "down_proj";
+        out[pre + "mlp." + n + ".weight"] = v.t().contiguous();
+      } else if (rest.rfind("moe.shared_", 0) == 0) {
+        const std::string w = rest.substr(11);  // w1 | w2 | w3, stored [1, in, out]
+        const char* n = w == "w1" ? "gate_proj" : w == "w3" ? "up_proj" : "down_proj";
+        out[pre + "block_sparse_moe.shared_expert." + n + ".weight"] = v[0].t().contiguous();
+      } else {
+        MOE_THROW(CheckpointError, "export: no Mixtral name for tensor '" << k << "'");
+      }
+    } else {
+      MOE_THROW(CheckpointError, "export: no Mixtral name for tensor '" << k << "'");
+    }
+  }
+  return out;
+}
+
+std::map<std::string, torch::Tensor> from_mixtral(const std::map<std::string, torch::Tensor>& theirs,
+                                                  const std::string& file) {
+  std::map<std::string, torch::Tensor> out;
+  const std::regex expert(R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight)");
+  const std::regex layer(R"(model\.layers\.(\d+)\.(.+))");
+  std::map<std::string, std::map<std::string, torch::Tensor>> qkv;  // layer -> q/k/v
+  for (const auto& [k, v] : theirs) {
+    std::smatch m;
+    if (k == "model.embed_tokens.weight") {
+      out["param.embedding"] = v;
+    } else if (k == "lm_head.weight") {
+      out["param.head"] = v;
+    } else if (k == "model.norm.weight") {
+      out["param.final_norm"] = v;
+    } else if (std::regex_match(k, m, expert)) {
+      out["param.layers." + m[1].str() + ".moe.experts." + m[2].str() + "." + m[3].str()] = v.t().contiguous();
+    } else if (std::regex_match(k, m, layer)) {
+      const std::string pre = "param.layers." + m[1].str() + ".", rest = m[2].str();
+      if (rest == "input_layernorm.weight") out[pre + "norm1"] = v;
+      else if (rest == "post_attention_layernorm.weight") out[pre + "norm2"] = v;
+      else if (rest == "self_attn.q_proj.weight" || rest == "self_attn.k_proj.weight" || rest == "self_attn.v_proj.weight")
+        qkv[m[1].str()][rest.substr(10, 1)] = v;
+      else if (rest == "self_attn.o_proj.weight") out[pre + "wo"] = v.t().contiguous();
+      else if (rest == "block_sparse_moe.gate.weight") out[pre + "moe.router.weight"] = v;
+      else if (rest == "block_sparse_moe.gate.balance_bias") out["buffer.layers." + m[1].str() + ".moe.router.balance_bias"] = v;
+      else if (rest == "mlp.gate_proj.weight") out[pre + "mlp.w1"] = v.t().contiguous();
+      else if (rest == "mlp.up_proj.weight") out[pre + "mlp.w3"] = v.t().contiguous();
+      else if (rest == "mlp.down_proj.weight") out[pre + "mlp.w2"] = v.t().contiguous();
+      else if (rest.rfind("block_sparse_moe.shared_expert.", 0) == 0) {
+        const std::string n = rest.substr(31);
+        const char* w = n == "gate_proj.weight" ? "w1" : n == "up_proj.weight" ? "w3" : "w2";
+        out[pre + "moe.shared_" + w] = v.t().contiguous().unsqueeze(0);
+      } else {
+        MOE_THROW(CheckpointError, file << ": tensor '" << k << "' has no counterpart in this framework's model");
+      }
+    } else {
+      MOE_THROW(CheckpointError, file << ": tensor '" << k << "' has no counterpart in this framework's model");
+    }
+  }
+  for (auto& [l, parts] : qkv) {
+    if (parts.size() != 3) MOE_THROW(CheckpointError, file << ": layer " << l << " lacks one of q_proj, k_proj, v_proj");
+    out["param.layers." + l + ".wqkv"] =
+        torch::cat({parts["q"].t(), parts["k"].t(), parts["v"].t()}, 1).contiguous();
+  }
+  // A router without a balance bias gets a zero one.
+  for (const auto& [k, v] : std::map<std::string, torch::Tensor>(out)) {
+    auto pos = k.find(".moe.router.weight");
+    if (pos == std::string::npos) continue;
+    std::string bias = "buffer" + k.substr(5, pos - 5) + ".moe.router.balance_bias";
+    if (!out.count(bias)) out[bias] = torch::zeros({v.size(0)});
+  }
+  return out;
+}
+
+int ckpt_info(const std::string& dir) {
+  const std::string ckpt = resolve_checkpoint_dir(dir);
+  nlohmann::json m = read_manifest(ckpt);
+  auto tensors = read_checkpoint(ckpt, m);
+  int64_t params = 0, expert_params = 0;
+  for (auto& [k, v] : tensors) {
+    if (k.rfind("param.", 0) != 0) continue;
+    params += v.numel();
+    if (k.find(".experts.") != std::string::npos) expert_params += v.numel();
+  }
+  std::cout << "checkpoint " << ckpt << "\n"
+            << "  step          " << m["step"] << "\n"
+            << "  saved at      ep " << m["ep"] << " x dp " << m["dp"] << " (loads at any EP that divides "
+            << m["experts"] << " experts)\n"
+            << "  moe layers    " << m["moe_layers"] << ", " << m["experts"] << " experts each\n"
+            << "  parameters    " << params << " (experts " << expert_params << ")\n"
+            << "  files         (all checksums verified)\n";
+  for (auto it = m["files"].begin(); it != m["files"].end(); ++it)
+    std::cout << "    " << it.key() << "  " << it.value()["bytes"] << " bytes\n";
+  return kExitOk;
+}
+
+int ckpt_export(const std::string& dir, const std::string& out) {
+  if (out.empty()) MOE_THROW(UsageError, "moe ckpt export DIR --safetensors OUT: OUT is required");
+  const std::string ckpt = resolve_checkpoint_dir(dir);
+  nlohmann::json m = read_manifest(ckpt);
+  auto named = to_mixtral(read_checkpoint(ckpt, m));
+  write_safetensors(out, named,
+                    {{"format", "pt"},
+                     {"source", ckpt},
+                     {"step", std::to_string(m["step"].get<int64_t>())},
+                     {"rope", "pairs (2i, 2i+1) rotated together; Hugging Face's rotate_half pairs (i, i+d/2)"}});
+  std::cout << "wrote " << named.size() << " tensors to " << out << "\n";
+  return kExitOk;
+}
+
+int ckpt_import(const std::string& file, const std::string& run_dir) {
+  if (file.empty() || run_dir.empty())
+    MOE_THROW(UsageError, "moe ckpt import RUN_DIR --safetensors FILE: both are required");
+  auto ours = from_mixtral(read_safetensors(file), file);
+  std::map<std::string, torch::Tensor> shared, experts;
+  int64_t n_experts = 0;
+  std::set<std::string> moe_layers;
+  const std::regex expert(R"(param\.layers\.(\d+)\.moe\.experts\.(\d+)\.w[123])");
+  for (auto& [k, v] : ours) {
+    std::smatch m;
+    if (std::regex_match(k, m, expert)) {
+      experts[k] = v;
+      n_experts = std::max<int64_t>(n_experts, std::stoll(m[2].str()) + 1);
+      moe_layers.insert(m[1].str());
+    } else {
+      shared[k] = v;
+    }
+  }
+  const std::string dir = run_dir + "/checkpoints/step_00000000";
+  std::system(("mkdir -p '" + dir + "'").c_str());
+  write_safetensors(dir + "/shared.safetensors", shared, {{"step", "0"}, {"adam_step", "0"}});
+  nlohmann::json files = nlohmann::json::object();
+  std::vector<std::string> names = {"shared.safetensors"};
+  if (!experts.empty()) {
+    write_safetensors(dir + "/experts.ep0.safetensors", experts, {{"step", "0"}});
+    names.push_back("experts.ep0.safetensors");
+  }
+  for (const auto& n : names) {
+    struct stat st;
+    ::stat((dir + "/" + n).c_str(), &st);
+    files[n] = {{"bytes", static_cast<int64_t>(st.st_size)}, {"fnv1a64", file_checksum(dir + "/" + n)}};
+  }
+  nlohmann::json manifest = {{"step", 0},  {"experts", n_experts}, {"moe_layers", moe_layers.size()},
+                             {"ep", 1},    {"dp", 1},              {"config_hash", 0},
+                             {"files", files}};
+  std::ofstream(dir + "/manifest.json") << manifest.dump(2) << "\n";
+  std::cout << "imported " << ours.size() << " tensors (" << moe_layers.size() << " MoE layers, " << n_experts
+            << " experts) into " << dir << "; continue with: moe train CONFIG --resume " << run_dir << "\n";
+  return kExitOk;
+}
+
+}  // namespace
+
+int run_ckpt(const CkptArgs& args) {
+  auto path = [&](size_t i) -> std::string {
+    if (args.paths.size() <= i) MOE_THROW(UsageError, "moe ckpt " << args.action << ": missing DIR argument");
+    return args.paths[i];
+  };
+  if (args.action == "info") return ckpt_info(path(0));
+  if (args.action == "export") return ckpt_export(path(0), args.safetensors);
+  if (args.action == "import") return ckpt_import(args.safetensors, path(0));
+  return not_implemented("ckpt " + args.action);
+}
+
+}  // namespace moe::apps
