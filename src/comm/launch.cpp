@@ -28,7 +28,13 @@ bool under_mpirun() {
 
 std::string resolve_backend(const std::string& requested) {
   if (requested == "auto") return under_mpirun() && MOE_HAVE_MPI ? "mpi" : "thread";
-  if (requested == "thread") return requested;
+  if (requested == "thread") {
+    // Each mpirun process would otherwise run its own private thread world.
+    MOE_CHECK_T(ConfigError, !under_mpirun(),
+                "parallel.backend = 'thread' but this process was started by mpirun: use parallel.backend=auto "
+                "(or mpi) so the processes form one world");
+    return requested;
+  }
   if (requested == "mpi") {
     MOE_CHECK_T(ConfigError, MOE_HAVE_MPI,
                 "parallel.backend = 'mpi' but this build has no MPI backend");
