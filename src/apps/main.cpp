@@ -1,12 +1,12 @@
 // `moe`: one program, subcommands train | bench | sweep | config | ckpt.
 // Thin: parse arguments, call the subcommand, map errors to exit codes.
 #include <CLI/CLI.hpp>
-#include <malloc.h>
-
+#include <cstdlib>
 #include <iostream>
 
 #include "moe/apps/commands.h"
 #include "moe/comm/launch.h"
+#include "moe/core/allocator.h"
 #include "moe/core/error.h"
 
 namespace {
@@ -27,11 +27,12 @@ void split_config_and_overrides(std::vector<std::string>& positionals, std::stri
 
 int main(int argc, char** argv) {
   using namespace moe;
-  // Keep freed large blocks in the heap instead of returning them to the OS:
-  // tensors of the same sizes are reallocated every step, and fresh mmap'd
-  // pages cost a page fault each (measured: most of the system time of a step).
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  // Tensors of the same sizes are reallocated every step: reuse large blocks
+  // instead of paying page faults on fresh memory (see core/allocator.h).
+  // MOE_CPU_CACHE_MB bounds the idle memory kept (0 turns the cache off).
+  int64_t cache_mb = 4096;
+  if (const char* v = std::getenv("MOE_CPU_CACHE_MB")) cache_mb = std::atoll(v);
+  if (cache_mb > 0) install_caching_cpu_allocator(cache_mb << 20);
   CLI::App app{"moe: train Mixture-of-Experts models with expert parallelism", "moe"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moe 0.1.0");

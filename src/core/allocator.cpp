@@ -1,0 +1,111 @@
+#include "moe/core/allocator.h"
+
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace moe {
+
+namespace {
+
+constexpr size_t kLarge = size_t{1} << 20;  // cache blocks of at least 1 MiB
+constexpr size_t kRound = size_t{1} << 16;  // bucket granularity: 64 KiB
+constexpr size_t kAlign = 64;
+
+class CachingCpuAllocator final : public c10::Allocator {
+ public:
+  explicit CachingCpuAllocator(int64_t limit) : limit_(static_cast<size_t>(limit)) {}
+
+  c10::DataPtr allocate(size_t n) const override {
+    void* p = take(n);
+    return {p, p, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
+
+  static CachingCpuAllocator* instance;
+  CachingAllocatorStats stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_;
+  }
+
+ private:
+  static size_t bucket(size_t n) { return (n + kRound - 1) / kRound * kRound; }
+
+  void* take(size_t n) const {
+    if (n == 0) return nullptr;
+    if (n < kLarge) return raw_alloc(n);
+    const size_t b = bucket(n);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(b);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        stats_.cached_bytes -= static_cast<int64_t>(b);
+        ++stats_.hits;
+        live_[p] = b;
+        return p;
+      }
+      ++stats_.misses;
+    }
+    void* p = raw_alloc(b);
+    std::lock_guard<std::mutex> lock(mu_);
+    live_[p] = b;
+    return p;
+  }
+
+  static void* raw_alloc(size_t n) {
+    void* p = nullptr;
+    if (posix_memalign(&p, kAlign, n) != 0 || !p) throw std::bad_alloc();
+    return p;
+  }
+
+  static void release(void* p) {
+    if (!p) return;
+    CachingCpuAllocator* self = instance;
+    {
+      std::lock_guard<std::mutex> lock(self->mu_);
+      auto it = self->live_.find(p);
+      if (it != self->live_.end()) {
+        const size_t b = it->second;
+        self->live_.erase(it);
+        if (static_cast<size_t>(self->stats_.cached_bytes) + b <= self->limit_) {
+          self->free_[b].push_back(p);
+          self->stats_.cached_bytes += static_cast<int64_t>(b);
+          return;
+        }
+      }
+    }
+    std::free(p);
+  }
+
+  size_t limit_;
+  mutable std::mutex mu_;
+  mutable std::map<size_t, std::vector<void*>> free_;
+  mutable std::unordered_map<void*, size_t> live_;
+  mutable CachingAllocatorStats stats_;
+};
+
+CachingCpuAllocator* CachingCpuAllocator::instance = nullptr;
+std::once_flag g_install_once;
+
+}  // namespace
+
+void install_caching_cpu_allocator(int64_t cache_limit_bytes) {
+  std::call_once(g_install_once, [&] {
+    // Never destroyed: tensors may outlive static destruction.
+    CachingCpuAllocator::instance = new CachingCpuAllocator(cache_limit_bytes);
+    c10::SetCPUAllocator(CachingCpuAllocator::instance, /*priority=*/10);
+  });
+}
+
+CachingAllocatorStats caching_allocator_stats() {
+  return CachingCpuAllocator::instance ? CachingCpuAllocator::instance->stats() : CachingAllocatorStats{};
+}
+
+}  // namespace moe
