@@ -512,12 +512,3 @@ TEST(MpiFault, RankThatExitsFailsTheJob) {
   }
 }
 #endif
-
-int main(int argc, char** argv) {
-  testing::InitGoogleTest(&argc, argv);
-  int rc = RUN_ALL_TESTS();
-#if MOE_HAVE_MPI
-  MpiComm::finalize();
-#endif
-  return rc;
-}

@@ -6,6 +6,7 @@
 
 #include "moe/config/config.h"
 #include "moe/core/error.h"
+#include "test_support.h"
 
 using namespace moe;
 
@@ -298,14 +299,9 @@ struct RunResult {
   std::string out;
 };
 RunResult run_moe(const std::string& args) {
-  std::string cmd = std::string(MOE_BINARY) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+  RunResult r;
+  r.code = moe::testing_support::run_moe(args, &r.out);
+  return r;
 }
 }  // namespace
 

@@ -447,12 +447,3 @@ TEST(MpiMoeEpParity, MatchesSingleRankReference) {
   world->barrier();
 }
 #endif
-
-int main(int argc, char** argv) {
-  testing::InitGoogleTest(&argc, argv);
-  int rc = RUN_ALL_TESTS();
-#if MOE_HAVE_MPI
-  comm::MpiComm::finalize();
-#endif
-  return rc;
-}

@@ -14,6 +14,7 @@
 #include "moe/parallel/checkpoint.h"
 #include "moe/parallel/safetensors.h"
 #include "moe/train/trainer.h"
+#include "test_support.h"
 #if MOE_HAVE_MPI
 #include "moe/comm/mpi_comm.h"
 #endif
@@ -235,19 +236,7 @@ TEST(TrainBadInput, MissingDataAndBadLayouts) {
   EXPECT_THROW(run(3, small_config(1, 1, 2, {"parallel.ep=0", "parallel.dp=0"}), o), ConfigError);  // 4 experts, ep 3
 }
 
-namespace {
-int run_moe(const std::string& args, std::string* output = nullptr) {
-  std::string cmd = std::string(MOE_BINARY) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  if (output) *output = out;
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-}  // namespace
+using moe::testing_support::run_moe;
 
 TEST(TrainCli, CheckpointInfoExportImportRoundTrip) {
   std::string dir = fresh_dir("cli"), dir2 = fresh_dir("cli_import"), file = fresh_dir("cli") + ".safetensors";
@@ -274,6 +263,38 @@ TEST(TrainCli, CheckpointInfoExportImportRoundTrip) {
   // Exit codes: missing checkpoint 2, missing data file 2.
   EXPECT_EQ(run_moe("ckpt info /nonexistent/run"), 2);
   EXPECT_EQ(run_moe("train " + tiny + " data.kind=text data.path=/nonexistent model.vocab=256"), 2);
+}
+
+TEST(TrainCli, UpcycledModelComputesWhatTheDenseModelDid) {
+  // Every expert a copy of the dense MLP and gates renormalised to sum to 1:
+  // the MoE model's loss on the next batch equals the dense model's.
+  std::string dense_dir = fresh_dir("dense"), moe_dir = fresh_dir("upcycled");
+  std::vector<std::string> common = {"moe.aux_loss_coef=0", "moe.z_loss_coef=0", "moe.capacity_factor=0",
+                                     "train.steps=3", "train.ckpt_every=2"};
+  std::vector<std::string> dense_ov = common;
+  dense_ov.push_back("model.dense=true");
+  Config dense_cfg = load_config(std::string(MOE_SOURCE_DIR) + "/configs/tiny.yaml", dense_ov);
+  TrainOptions o;
+  o.quiet = true;
+  o.out_dir = dense_dir;
+  TrainResult dense = run(1, dense_cfg, o);
+  ASSERT_EQ(dense.losses.size(), 3u);
+  const int64_t width = dense_cfg.moe.top_k * dense_cfg.moe.d_expert;  // the dense twin's MLP width
+  std::string out;
+  ASSERT_EQ(run_moe("ckpt upcycle " + dense_dir + "/checkpoints/step_00000002 " + moe_dir + " --experts 4", &out), 0)
+      << out;
+  EXPECT_NE(out.find("moe.d_expert=" + std::to_string(width)), std::string::npos) << out;
+  std::vector<std::string> moe_ov = common;
+  moe_ov.push_back("moe.d_expert=" + std::to_string(width));
+  moe_ov.push_back("train.batch=2");  // 2 ranks x 2 = the dense run's global batch of 4 sequences
+  Config moe_cfg = load_config(std::string(MOE_SOURCE_DIR) + "/configs/tiny.yaml", moe_ov);
+  TrainOptions r = o;
+  r.out_dir = r.resume_dir = moe_dir;
+  TrainResult moe = run(2, moe_cfg, r);  // and at another layout: EP 2
+  EXPECT_EQ(moe.first_step, 2);
+  ASSERT_EQ(moe.losses.size(), 1u);
+  EXPECT_NEAR(moe.losses[0], dense.losses[2], 1e-4);
+  EXPECT_EQ(run_moe("ckpt upcycle " + moe_dir + " /tmp/x --experts 2"), 2);  // no dense blocks left
 }
 
 TEST(TrainSchedule, WarmupThenCosineToFloor) {
@@ -306,12 +327,3 @@ TEST(MpiTrainParity, Ep2MatchesOneRank) {
   world->barrier();
 }
 #endif
-
-int main(int argc, char** argv) {
-  testing::InitGoogleTest(&argc, argv);
-  int rc = RUN_ALL_TESTS();
-#if MOE_HAVE_MPI
-  comm::MpiComm::finalize();
-#endif
-  return rc;
-}

@@ -1,6 +1,9 @@
 // `moe ckpt info|export|import|upcycle|prune`.
+#include <ATen/CPUGeneratorImpl.h>
 #include <sys/stat.h>
 
+#include <cmath>
+#include <set>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -195,10 +198,10 @@ int ckpt_export(const std::string& dir, const std::string& out) {
   return kExitOk;
 }
 
-int ckpt_import(const std::string& file, const std::string& run_dir) {
-  if (file.empty() || run_dir.empty())
-    MOE_THROW(UsageError, "moe ckpt import RUN_DIR --safetensors FILE: both are required");
-  auto ours = from_mixtral(read_safetensors(file), file);
+// Writes `ours` (param./buffer. keys, experts keyed globally) as a one-rank
+// checkpoint RUN_DIR/checkpoints/step_N that `moe train --resume` loads at any EP.
+std::string write_plain_checkpoint(const std::map<std::string, torch::Tensor>& ours, const std::string& run_dir,
+                                   int64_t step, int64_t* n_experts_out, size_t* moe_layers_out) {
   std::map<std::string, torch::Tensor> shared, experts;
   int64_t n_experts = 0;
   std::set<std::string> moe_layers;
@@ -213,13 +216,16 @@ int ckpt_import(const std::string& file, const std::string& run_dir) {
       shared[k] = v;
     }
   }
-  const std::string dir = run_dir + "/checkpoints/step_00000000";
-  std::system(("mkdir -p '" + dir + "'").c_str());
-  write_safetensors(dir + "/shared.safetensors", shared, {{"step", "0"}, {"adam_step", "0"}});
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08lld", static_cast<long long>(step));
+  const std::string dir = run_dir + "/checkpoints/" + name;
+  if (std::system(("mkdir -p '" + dir + "'").c_str()) != 0)
+    MOE_THROW(CheckpointError, "cannot create '" << dir << "'");
+  write_safetensors(dir + "/shared.safetensors", shared, {{"step", std::to_string(step)}, {"adam_step", "0"}});
   nlohmann::json files = nlohmann::json::object();
   std::vector<std::string> names = {"shared.safetensors"};
   if (!experts.empty()) {
-    write_safetensors(dir + "/experts.ep0.safetensors", experts, {{"step", "0"}});
+    write_safetensors(dir + "/experts.ep0.safetensors", experts, {{"step", std::to_string(step)}});
     names.push_back("experts.ep0.safetensors");
   }
   for (const auto& n : names) {
@@ -227,12 +233,62 @@ int ckpt_import(const std::string& file, const std::string& run_dir) {
     ::stat((dir + "/" + n).c_str(), &st);
     files[n] = {{"bytes", static_cast<int64_t>(st.st_size)}, {"fnv1a64", file_checksum(dir + "/" + n)}};
   }
-  nlohmann::json manifest = {{"step", 0},  {"experts", n_experts}, {"moe_layers", moe_layers.size()},
-                             {"ep", 1},    {"dp", 1},              {"config_hash", 0},
+  nlohmann::json manifest = {{"step", step}, {"experts", n_experts}, {"moe_layers", moe_layers.size()},
+                             {"ep", 1},       {"dp", 1},              {"config_hash", 0},
                              {"files", files}};
   std::ofstream(dir + "/manifest.json") << manifest.dump(2) << "\n";
-  std::cout << "imported " << ours.size() << " tensors (" << moe_layers.size() << " MoE layers, " << n_experts
+  *n_experts_out = n_experts;
+  *moe_layers_out = moe_layers.size();
+  return dir;
+}
+
+int ckpt_import(const std::string& file, const std::string& run_dir) {
+  if (file.empty() || run_dir.empty())
+    MOE_THROW(UsageError, "moe ckpt import RUN_DIR --safetensors FILE: both are required");
+  auto ours = from_mixtral(read_safetensors(file), file);
+  int64_t experts = 0;
+  size_t layers = 0;
+  std::string dir = write_plain_checkpoint(ours, run_dir, 0, &experts, &layers);
+  std::cout << "imported " << ours.size() << " tensors (" << layers << " MoE layers, " << experts
             << " experts) into " << dir << "; continue with: moe train CONFIG --resume " << run_dir << "\n";
+  return kExitOk;
+}
+
+// Dense -> MoE (sparse upcycling): every dense MLP is copied into each of
+// `experts` experts; routers start fresh (N(0, (0.1/sqrt(D))^2), seeded).
+// With renormalised top-k gates the upcycled model computes what the dense one did.
+int ckpt_upcycle(const std::string& dense_dir, const std::string& out_dir, int64_t experts, int64_t seed) {
+  if (experts < 1) MOE_THROW(UsageError, "moe ckpt upcycle DENSE_DIR OUT_DIR --experts E: E must be >= 1");
+  const std::string ckpt = resolve_checkpoint_dir(dense_dir);
+  nlohmann::json m = read_manifest(ckpt);
+  auto dense = read_checkpoint(ckpt, m);
+  std::map<std::string, torch::Tensor> out;
+  const std::regex mlp(R"(param\.layers\.(\d+)\.mlp\.(w[123]))");
+  int64_t width = -1, layers = 0;
+  for (auto& [k, v] : dense) {
+    std::smatch sm;
+    if (!std::regex_match(k, sm, mlp)) {
+      out[k] = v;
+      continue;
+    }
+    const std::string l = sm[1].str(), w = sm[2].str();
+    for (int64_t e = 0; e < experts; ++e) out["param.layers." + l + ".moe.experts." + std::to_string(e) + "." + w] = v;
+    if (w == "w1") {
+      ++layers;
+      width = v.size(1);
+      const int64_t D = v.size(0);
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed) * 7919 + std::stoull(l));
+      out["param.layers." + l + ".moe.router.weight"] = at::normal(0.0, 0.1 / std::sqrt(double(D)), {experts, D}, gen);
+      out["buffer.layers." + l + ".moe.router.balance_bias"] = torch::zeros({experts});
+    }
+  }
+  if (layers == 0) MOE_THROW(CheckpointError, ckpt << " has no dense MLP blocks (layers.N.mlp.w1): nothing to upcycle");
+  int64_t n_experts = 0;
+  size_t n_layers = 0;
+  std::string dir = write_plain_checkpoint(out, out_dir, m["step"].get<int64_t>(), &n_experts, &n_layers);
+  std::cout << "upcycled " << layers << " dense MLP blocks into " << experts << " experts each -> " << dir << "\n"
+            << "train it with: moe train CONFIG model.dense=false model.moe_every=1 moe.experts=" << experts
+            << " moe.d_expert=" << width << " --resume " << out_dir << "\n";
   return kExitOk;
 }
 
@@ -246,6 +302,7 @@ int run_ckpt(const CkptArgs& args) {
   if (args.action == "info") return ckpt_info(path(0));
   if (args.action == "export") return ckpt_export(path(0), args.safetensors);
   if (args.action == "import") return ckpt_import(args.safetensors, path(0));
+  if (args.action == "upcycle") return ckpt_upcycle(path(0), path(1), args.experts, args.seed);
   return not_implemented("ckpt " + args.action);
 }
 

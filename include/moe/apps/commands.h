@@ -44,6 +44,8 @@ struct CkptArgs {
   std::string action;  // info | export | import | upcycle | prune
   std::vector<std::string> paths;
   std::string safetensors;
+  int64_t experts = 0;  // upcycle: experts per MoE layer
+  int64_t seed = 1234;  // upcycle: router initialisation
 };
 int run_ckpt(const CkptArgs& args);
 
