@@ -12,12 +12,15 @@
 namespace moe {
 
 namespace {
+thread_local int t_cpu_budget = 1;
 using SetThreads = void (*)(int);
 SetThreads openblas_setter() {
   static SetThreads fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
   return fn;
 }
 }  // namespace
+
+int cpu_budget() { return t_cpu_budget; }
 
 bool openblas_loaded() {
   static std::atomic<bool> warned{false};
@@ -35,8 +38,8 @@ void configure_cpu_threads(int ranks_here, int procs_per_node) {
   const int per_rank = std::max(1, per_proc / std::max(1, ranks_here));
   // ATen loops stay on one thread when OpenBLAS owns the cores: OpenMP workers
   // spin between parallel regions and starve the BLAS threads (measured 10x slower GEMMs).
-  at::set_num_threads(ranks_here > 1 ? 1 : 1);
-  (void)per_rank;
+  at::set_num_threads(1);
+  t_cpu_budget = per_rank;
   // Several rank threads calling BLAS at once: one BLAS thread each.
   if (openblas_loaded()) openblas_setter()(ranks_here > 1 ? 1 : per_proc);
 }

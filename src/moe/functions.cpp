@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "moe/core/error.h"
+#include "moe/core/threads.h"
 #include "moe/core/timer.h"
 
 namespace moe {
@@ -40,7 +41,7 @@ struct PermuteFn : public torch::autograd::Function<PermuteFn> {
     const size_t bytes = D * x.element_size();
     const char* src = static_cast<const char*>(x.data_ptr());
     char* dst = static_cast<char*>(out.data_ptr());
-    at::parallel_for(0, rows, 256, [&](int64_t lo, int64_t hi) {
+    parallel_ranges(rows, 4096, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) {
         if (tok[r] >= 0)
           std::memcpy(dst + r * bytes, src + tok[r] * bytes, bytes);
@@ -63,7 +64,7 @@ struct PermuteFn : public torch::autograd::Function<PermuteFn> {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "permute_backward", [&] {
       const scalar_t* gp = g.data_ptr<scalar_t>();
       scalar_t* out = gx.data_ptr<scalar_t>();
-      at::parallel_for(0, T, 64, [&](int64_t lo, int64_t hi) {
+      parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
         for (int64_t t = lo; t < hi; ++t) {
           scalar_t* dst = out + t * D;
           bool first = true;
@@ -104,7 +105,7 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
       torch::Tensor wc = w.to(b.scalar_type());
       const scalar_t* wp = wc.data_ptr<scalar_t>();
       scalar_t* yp = y.data_ptr<scalar_t>();
-      at::parallel_for(0, T, 64, [&](int64_t lo, int64_t hi) {
+      parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
         for (int64_t t = lo; t < hi; ++t) {
           scalar_t* dst = yp + t * D;
           bool first = true;
@@ -150,7 +151,7 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
       const scalar_t* wp = wc.data_ptr<scalar_t>();
       scalar_t* gbp = gb.data_ptr<scalar_t>();
       scalar_t* gwp = gw.data_ptr<scalar_t>();
-      at::parallel_for(0, T, 64, [&](int64_t lo, int64_t hi) {
+      parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
         for (int64_t t = lo; t < hi; ++t)
           for (int64_t j = 0; j < k; ++j) {
             int64_t r = row[t * k + j];
