@@ -1,9 +1,8 @@
 // MoE layer tests: a naive oracle (loops over tokens and slots) against the
 // layer, EP parity under threads (and under mpirun via --gtest_filter=Mpi*),
 // losses, plans, determinism, bad input.
-#include <gtest/gtest.h>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
 
 #include <cmath>
 
@@ -26,7 +25,8 @@ torch::Tensor randn_seeded(std::vector<int64_t> shape, uint64_t seed, double std
   return at::normal(0.0, std, shape, gen);
 }
 
-MoeConfig make_cfg(int64_t E, int64_t k, const std::string& score, double cf, const std::string& act = "swiglu") {
+MoeConfig make_cfg(int64_t E, int64_t k, const std::string& score, double cf,
+                   const std::string& act = "swiglu") {
   MoeConfig c;
   c.experts = E;
   c.top_k = k;
@@ -51,11 +51,12 @@ struct Oracle {
   torch::Tensor y, aux, z;
 };
 
-Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& w1, const torch::Tensor& w3,
-              const torch::Tensor& w2, const MoeConfig& c) {
+Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& w1,
+              const torch::Tensor& w3, const torch::Tensor& w2, const MoeConfig& c) {
   const int64_t T = x.size(0), E = c.experts, k = c.top_k;
   torch::Tensor logits = torch::mm(x, wg.t()) / c.temperature;
-  torch::Tensor scores = c.score_fn == "softmax" ? torch::softmax(logits, -1) : torch::sigmoid(logits);
+  torch::Tensor scores =
+      c.score_fn == "softmax" ? torch::softmax(logits, -1) : torch::sigmoid(logits);
   torch::Tensor idx = std::get<1>(scores.detach().topk(k, -1));
   torch::Tensor gate = scores.gather(1, idx);
   if (c.renormalize && k > 1) gate = gate / gate.sum(-1, true);
@@ -65,10 +66,11 @@ Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tens
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) order.emplace_back(t, j);
   if (c.drop_policy == "probability")
-    std::stable_sort(order.begin(), order.end(),
-                     [&](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
-                       return gate[a.first][a.second].item<float>() > gate[b.first][b.second].item<float>();
-                     });
+    std::stable_sort(
+        order.begin(), order.end(),
+        [&](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
+          return gate[a.first][a.second].item<float>() > gate[b.first][b.second].item<float>();
+        });
   std::vector<std::vector<bool>> kept(T, std::vector<bool>(k, false));
   std::vector<int64_t> used(E, 0);
   for (auto [t, j] : order) {
@@ -83,8 +85,9 @@ Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tens
       if (!kept[t][j]) continue;
       int64_t e = idx[t][j].item<int64_t>();
       torch::Tensor xt = x[t].unsqueeze(0);
-      torch::Tensor h = c.activation == "swiglu" ? torch::silu(torch::mm(xt, w1[e])) * torch::mm(xt, w3[e])
-                                                 : torch::gelu(torch::mm(xt, w1[e]));
+      torch::Tensor h = c.activation == "swiglu"
+                            ? torch::silu(torch::mm(xt, w1[e])) * torch::mm(xt, w3[e])
+                            : torch::gelu(torch::mm(xt, w1[e]));
       acc = acc + gate[t][j] * torch::mm(h, w2[e]).squeeze(0);
     }
     rows.push_back(acc);
@@ -100,7 +103,8 @@ Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tens
   return o;
 }
 
-void expect_close(const torch::Tensor& a, const torch::Tensor& b, const std::string& what, double tol = 1e-5) {
+void expect_close(const torch::Tensor& a, const torch::Tensor& b, const std::string& what,
+                  double tol = 1e-5) {
   ASSERT_TRUE(a.defined() && b.defined()) << what;
   ASSERT_EQ(a.sizes(), b.sizes()) << what;
   double diff = (a - b).abs().max().item<double>();
@@ -116,8 +120,8 @@ struct OracleCase {
 };
 
 void run_oracle_case(const OracleCase& oc) {
-  SCOPED_TRACE("E=" + std::to_string(oc.E) + " k=" + std::to_string(oc.k) + " " + oc.score + " cf=" +
-               std::to_string(oc.cf) + " " + oc.policy + " " + oc.act);
+  SCOPED_TRACE("E=" + std::to_string(oc.E) + " k=" + std::to_string(oc.k) + " " + oc.score +
+               " cf=" + std::to_string(oc.cf) + " " + oc.policy + " " + oc.act);
   MoeConfig c = make_cfg(oc.E, oc.k, oc.score, oc.cf, oc.act);
   c.drop_policy = oc.policy;
   const int64_t T = 40, D = 16;
@@ -137,7 +141,8 @@ void run_oracle_case(const OracleCase& oc) {
   torch::Tensor x2 = x.detach().clone().requires_grad_(true);
   torch::Tensor wg = layer.router->weight.detach().clone().requires_grad_(true);
   torch::Tensor w1 = layer.w1.detach().clone().requires_grad_(true);
-  torch::Tensor w3 = oc.act == "swiglu" ? layer.w3.detach().clone().requires_grad_(true) : torch::zeros_like(w1);
+  torch::Tensor w3 =
+      oc.act == "swiglu" ? layer.w3.detach().clone().requires_grad_(true) : torch::zeros_like(w1);
   torch::Tensor w2 = layer.w2.detach().clone().requires_grad_(true);
   Oracle o = oracle(x2, wg, w1, w3, w2, c);
   torch::Tensor loss2 = (o.y * probe).sum() + o.aux + o.z;
@@ -208,9 +213,9 @@ TEST(MoeOracle, ExpertsWithNoTokensGetZeroGradient) {
 
 TEST(MoePlan, CapacityFormula) {
   EXPECT_EQ(expert_capacity(4096, 2, 8, 1.25, 4), 1280);
-  EXPECT_EQ(expert_capacity(10, 1, 4, 1.0, 1), 3);   // ceil(2.5)
-  EXPECT_EQ(expert_capacity(10, 1, 4, 1.0, 5), 5);   // min_capacity wins
-  EXPECT_EQ(expert_capacity(10, 1, 4, 0.0, 5), 0);   // dropless
+  EXPECT_EQ(expert_capacity(10, 1, 4, 1.0, 1), 3);  // ceil(2.5)
+  EXPECT_EQ(expert_capacity(10, 1, 4, 1.0, 5), 5);  // min_capacity wins
+  EXPECT_EQ(expert_capacity(10, 1, 4, 0.0, 5), 0);  // dropless
 }
 
 TEST(MoePlan, PositionPolicyKeepsEarlierTokens) {
@@ -236,7 +241,8 @@ TEST(MoePlan, DroplessCompactLayoutAndPeerCounts) {
   EXPECT_EQ(p.send_rows, 6);
   EXPECT_EQ(p.peer_rows, (std::vector<int64_t>{2, 4}));  // experts {0,1} on rank 0, {2,3} on rank 1
   std::vector<int64_t> toks(p.row_token.data_ptr<int64_t>(), p.row_token.data_ptr<int64_t>() + 6);
-  EXPECT_EQ(toks, (std::vector<int64_t>{0, 1, 2, 0, 1, 2}));  // expert 0: t0; 1: t1; 2: t2; 3: t0, t1, t2
+  EXPECT_EQ(toks,
+            (std::vector<int64_t>{0, 1, 2, 0, 1, 2}));  // expert 0: t0; 1: t1; 2: t2; 3: t0, t1, t2
   EXPECT_EQ(p.dropped, 0);
 }
 
@@ -267,7 +273,8 @@ TEST(MoeLosses, HandComputedAuxAndZ) {
   EXPECT_EQ(out.stats.tokens_per_expert, (std::vector<int64_t>{1, 1}));
   EXPECT_NEAR(out.stats.router_entropy,
               -(p00 * std::log(p00) + (1 - p00) * std::log(1 - p00) + p11 * std::log(p11) +
-                (1 - p11) * std::log(1 - p11)) / 2,
+                (1 - p11) * std::log(1 - p11)) /
+                  2,
               1e-6);
 }
 
@@ -292,7 +299,8 @@ TEST(MoeLosses, BalanceBiasMovesSkewedRouterTowardBalance) {
     layer.update_balance_bias(o.stats);
   }
   EXPECT_LT(late, 1.0 + (imbalance0 - 1.0) / 2) << "bias " << layer.router->balance_bias;
-  EXPECT_GT(layer.router->balance_bias[1].item<float>(), layer.router->balance_bias[0].item<float>());
+  EXPECT_GT(layer.router->balance_bias[1].item<float>(),
+            layer.router->balance_bias[0].item<float>());
   EXPECT_EQ(layer.router->weight.grad().defined(), false);  // no gradient was involved
 }
 
@@ -339,8 +347,12 @@ TEST(MoeLayer, BadInputIsTyped) {
 
 namespace {
 
-torch::Tensor tokens_of(int rank, int64_t T, int64_t D) { return randn_seeded({T, D}, 1000 + rank); }
-torch::Tensor probe_of(int rank, int64_t T, int64_t D) { return randn_seeded({T, D}, 2000 + rank); }
+torch::Tensor tokens_of(int rank, int64_t T, int64_t D) {
+  return randn_seeded({T, D}, 1000 + rank);
+}
+torch::Tensor probe_of(int rank, int64_t T, int64_t D) {
+  return randn_seeded({T, D}, 2000 + rank);
+}
 
 // EP = world: each rank routes its own tokens to experts sharded over the
 // world. Reference: one rank running the same layer on every rank's tokens.
@@ -416,7 +428,9 @@ TEST_P(MoeEpParity, MatchesSingleRankReference) {
   }
 }
 INSTANTIATE_TEST_SUITE_P(World, MoeEpParity, testing::Values(1, 2, 4),
-                         [](const testing::TestParamInfo<int>& i) { return "ep" + std::to_string(i.param); });
+                         [](const testing::TestParamInfo<int>& i) {
+                           return "ep" + std::to_string(i.param);
+                         });
 
 TEST(MoeEpParity, ExpertsThatReceiveNothingStillTakePart) {
   // Every token prefers expert 0 (rank 0): rank 1's experts get no rows.

@@ -31,14 +31,25 @@ std::string fresh_dir(const std::string& name) {
 
 // A small model on synthetic data; dropless so the layouts route identically.
 Config small_config(int64_t world, int64_t ep, int64_t steps, std::vector<std::string> extra = {}) {
-  std::vector<std::string> ov = {"model.vocab=32",      "model.d_model=32",   "model.layers=2",
-                                 "model.heads=2",       "model.d_ff=64",      "model.seq_len=12",
-                                 "moe.experts=4",       "moe.top_k=2",        "moe.d_expert=24",
-                                 "moe.capacity_factor=0", "moe.aux_loss_coef=0", "moe.z_loss_coef=0.001",
-                                 "train.warmup=2",      "train.lr=0.003",     "train.log_every=1000",
+  std::vector<std::string> ov = {"model.vocab=32",
+                                 "model.d_model=32",
+                                 "model.layers=2",
+                                 "model.heads=2",
+                                 "model.d_ff=64",
+                                 "model.seq_len=12",
+                                 "moe.experts=4",
+                                 "moe.top_k=2",
+                                 "moe.d_expert=24",
+                                 "moe.capacity_factor=0",
+                                 "moe.aux_loss_coef=0",
+                                 "moe.z_loss_coef=0.001",
+                                 "train.warmup=2",
+                                 "train.lr=0.003",
+                                 "train.log_every=1000",
                                  "train.steps=" + std::to_string(steps),
                                  "train.batch=" + std::to_string(8 / world),
-                                 "parallel.ep=" + std::to_string(ep), "parallel.dp=" + std::to_string(world / ep)};
+                                 "parallel.ep=" + std::to_string(ep),
+                                 "parallel.dp=" + std::to_string(world / ep)};
   ov.insert(ov.end(), extra.begin(), extra.end());
   return default_config(ov);
 }
@@ -170,7 +181,8 @@ TEST(TrainCheckpoint, CrashDuringWriteKeepsThePreviousCheckpoint) {
   EXPECT_THROW(run(2, cfg, o), CheckpointError);
   set_checkpoint_crash_for_test(0);
   struct stat st;
-  EXPECT_EQ(::stat((dir + "/checkpoints/step_00000006.tmp").c_str(), &st), 0) << "temporary files were written";
+  EXPECT_EQ(::stat((dir + "/checkpoints/step_00000006.tmp").c_str(), &st), 0)
+      << "temporary files were written";
   EXPECT_EQ(find_checkpoint(dir), dir + "/checkpoints/step_00000003");
   o.resume_dir = dir;
   TrainResult resumed = run(2, cfg, o);
@@ -204,7 +216,9 @@ TEST(TrainCheckpoint, CorruptOrMismatchedCheckpointsAreTypedErrors) {
     run(1, small_config(1, 1, 4), o);
     FAIL() << "no CheckpointError";
   } catch (const CheckpointError& e) {
-    EXPECT_NE(std::string(e.what()).find("shared.safetensors fails its checksum"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("shared.safetensors fails its checksum"),
+              std::string::npos)
+        << e.what();
   }
   EXPECT_THROW(read_safetensors(dir + "/nonexistent.safetensors"), CheckpointError);
 }
@@ -222,7 +236,8 @@ TEST(TrainLearning, TinyConfigLossFalls) {
 TEST(TrainBadInput, MissingDataAndBadLayouts) {
   TrainOptions o;
   o.quiet = true;
-  Config text = small_config(1, 1, 2, {"data.kind=text", "data.path=/nonexistent/corpus", "model.vocab=256"});
+  Config text =
+      small_config(1, 1, 2, {"data.kind=text", "data.path=/nonexistent/corpus", "model.vocab=256"});
   try {
     run(1, text, o);
     FAIL();
@@ -231,18 +246,24 @@ TEST(TrainBadInput, MissingDataAndBadLayouts) {
   }
   std::string tiny_file = fresh_dir("short") + ".txt";
   std::ofstream(tiny_file) << "too short";
-  Config short_text = small_config(1, 1, 2, {"data.kind=text", "data.path=" + tiny_file, "model.vocab=256"});
+  Config short_text =
+      small_config(1, 1, 2, {"data.kind=text", "data.path=" + tiny_file, "model.vocab=256"});
   EXPECT_THROW(run(1, short_text, o), DataError);
-  EXPECT_THROW(run(3, small_config(1, 1, 2, {"parallel.ep=0", "parallel.dp=0"}), o), ConfigError);  // 4 experts, ep 3
+  EXPECT_THROW(run(3, small_config(1, 1, 2, {"parallel.ep=0", "parallel.dp=0"}), o),
+               ConfigError);  // 4 experts, ep 3
 }
 
 using moe::testing_support::run_moe;
 
 TEST(TrainCli, CheckpointInfoExportImportRoundTrip) {
-  std::string dir = fresh_dir("cli"), dir2 = fresh_dir("cli_import"), file = fresh_dir("cli") + ".safetensors";
+  std::string dir = fresh_dir("cli"), dir2 = fresh_dir("cli_import"),
+              file = fresh_dir("cli") + ".safetensors";
   std::string tiny = std::string(MOE_SOURCE_DIR) + "/configs/tiny.yaml";
   std::string out;
-  ASSERT_EQ(run_moe("train " + tiny + " train.steps=3 moe.shared_experts=1 --ranks 2 --out " + dir, &out), 0) << out;
+  ASSERT_EQ(
+      run_moe("train " + tiny + " train.steps=3 moe.shared_experts=1 --ranks 2 --out " + dir, &out),
+      0)
+      << out;
   ASSERT_EQ(run_moe("ckpt info " + dir, &out), 0) << out;
   EXPECT_NE(out.find("step          3"), std::string::npos) << out;
   EXPECT_NE(out.find("checksums verified"), std::string::npos) << out;
@@ -259,7 +280,11 @@ TEST(TrainCli, CheckpointInfoExportImportRoundTrip) {
     EXPECT_TRUE(torch::equal(v, b[k])) << k;
   }
   // The imported checkpoint resumes (at another EP size).
-  EXPECT_EQ(run_moe("train " + tiny + " train.steps=2 moe.shared_experts=1 --ranks 4 --resume " + dir2, &out), 0) << out;
+  EXPECT_EQ(
+      run_moe("train " + tiny + " train.steps=2 moe.shared_experts=1 --ranks 4 --resume " + dir2,
+              &out),
+      0)
+      << out;
   // Exit codes: missing checkpoint 2, missing data file 2.
   EXPECT_EQ(run_moe("ckpt info /nonexistent/run"), 2);
   EXPECT_EQ(run_moe("train " + tiny + " data.kind=text data.path=/nonexistent model.vocab=256"), 2);
@@ -269,8 +294,9 @@ TEST(TrainCli, UpcycledModelComputesWhatTheDenseModelDid) {
   // Every expert a copy of the dense MLP and gates renormalised to sum to 1:
   // the MoE model's loss on the next batch equals the dense model's.
   std::string dense_dir = fresh_dir("dense"), moe_dir = fresh_dir("upcycled");
-  std::vector<std::string> common = {"moe.aux_loss_coef=0", "moe.z_loss_coef=0", "moe.capacity_factor=0",
-                                     "train.steps=3", "train.ckpt_every=2"};
+  std::vector<std::string> common = {"moe.aux_loss_coef=0", "moe.z_loss_coef=0",
+                                     "moe.capacity_factor=0", "train.steps=3",
+                                     "train.ckpt_every=2"};
   std::vector<std::string> dense_ov = common;
   dense_ov.push_back("model.dense=true");
   Config dense_cfg = load_config(std::string(MOE_SOURCE_DIR) + "/configs/tiny.yaml", dense_ov);
@@ -281,7 +307,10 @@ TEST(TrainCli, UpcycledModelComputesWhatTheDenseModelDid) {
   ASSERT_EQ(dense.losses.size(), 3u);
   const int64_t width = dense_cfg.moe.top_k * dense_cfg.moe.d_expert;  // the dense twin's MLP width
   std::string out;
-  ASSERT_EQ(run_moe("ckpt upcycle " + dense_dir + "/checkpoints/step_00000002 " + moe_dir + " --experts 4", &out), 0)
+  ASSERT_EQ(run_moe("ckpt upcycle " + dense_dir + "/checkpoints/step_00000002 " + moe_dir +
+                        " --experts 4",
+                    &out),
+            0)
       << out;
   EXPECT_NE(out.find("moe.d_expert=" + std::to_string(width)), std::string::npos) << out;
   std::vector<std::string> moe_ov = common;
@@ -295,6 +324,39 @@ TEST(TrainCli, UpcycledModelComputesWhatTheDenseModelDid) {
   ASSERT_EQ(moe.losses.size(), 1u);
   EXPECT_NEAR(moe.losses[0], dense.losses[2], 1e-4);
   EXPECT_EQ(run_moe("ckpt upcycle " + moe_dir + " /tmp/x --experts 2"), 2);  // no dense blocks left
+}
+
+TEST(TrainCli, BenchLayerJsonAndDump) {
+  // Small shapes: this checks the program's outputs, not its speed.
+  std::string dir = fresh_dir("dump"), out;
+  std::string tiny = std::string(MOE_SOURCE_DIR) + "/configs/tiny.yaml";
+  ASSERT_EQ(run_moe("bench layer " + tiny +
+                        " bench.tokens=64 bench.reps=1 bench.warmup=0 --json --dump " + dir,
+                    &out),
+            0)
+      << out;
+  for (const char* name : {"expert_only_limit", "naive_loop", "moe_layer", "breakdown_ms"})
+    EXPECT_NE(out.find(name), std::string::npos) << name << " missing from: " << out;
+  auto t = read_safetensors(dir + "/layer_rank0.safetensors");
+  for (const char* key : {"input", "output", "grad_input", "gate.weight", "experts.3.w1.weight",
+                          "experts.3.w2.weight", "experts.3.w3.weight", "experts.0.w1.weight.grad",
+                          "routing.expert_ids", "routing.gate_weights"})
+    EXPECT_TRUE(t.count(key)) << key;
+  EXPECT_EQ(t["experts.0.w1.weight"].sizes(),
+            torch::IntArrayRef({64, 64}));  // [H, D] as nn.Linear stores it
+  EXPECT_EQ(t["routing.expert_ids"].sizes(), torch::IntArrayRef({64, 2}));
+  // The dumped math checks out from the outside: output = sum_j gate_j * expert_j(input) for token
+  // 0 (first in position order, so never dropped).
+  torch::Tensor x = t["input"], ids = t["routing.expert_ids"], g = t["routing.gate_weights"];
+  torch::Tensor y0 = torch::zeros({64});
+  for (int j = 0; j < 2; ++j) {
+    std::string e = "experts." + std::to_string(ids[0][j].item<int64_t>()) + ".";
+    torch::Tensor h =
+        torch::silu(torch::mv(t[e + "w1.weight"], x[0])) * torch::mv(t[e + "w3.weight"], x[0]);
+    y0 += g[0][j] * torch::mv(t[e + "w2.weight"], h);
+  }
+  EXPECT_TRUE(
+      torch::allclose(y0, t["output"][0], 1e-4, 1e-5));  // token 0 is first in line: never dropped
 }
 
 TEST(TrainSchedule, WarmupThenCosineToFloor) {
@@ -321,7 +383,8 @@ TEST(MpiTrainParity, Ep2MatchesOneRank) {
   TrainResult par = train(*world, small_config(2, 2, 5), q);
   // The reference runs inside each process on a private one-rank world.
   TrainResult ref;
-  comm::run_ranks(1, 60.0, [&](comm::Communicator& c) { ref = train(c, small_config(1, 1, 5), q); });
+  comm::run_ranks(1, 60.0,
+                  [&](comm::Communicator& c) { ref = train(c, small_config(1, 1, 5), q); });
   set_current_rank(world->rank());
   expect_losses_close(par.losses, ref.losses, 1e-5);
   world->barrier();

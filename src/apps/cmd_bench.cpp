@@ -157,8 +157,9 @@ torch::Tensor naive_moe(const torch::Tensor& x, MoELayer& layer, const MoeConfig
       torch::Tensor mask = ej == e;
       if (!mask.any().item<bool>()) continue;
       torch::Tensor xe = x.index({mask});
-      torch::Tensor h = c.activation == "swiglu" ? torch::silu(torch::mm(xe, layer.w1[e])) * torch::mm(xe, layer.w3[e])
-                                                 : torch::gelu(torch::mm(xe, layer.w1[e]));
+      torch::Tensor h = c.activation == "swiglu"
+                            ? torch::silu(torch::mm(xe, layer.w1[e])) * torch::mm(xe, layer.w3[e])
+                            : torch::gelu(torch::mm(xe, layer.w1[e]));
       torch::Tensor ye = torch::mm(h, layer.w2[e]) * gate.select(1, j).index({mask}).unsqueeze(1);
       out = out.index_put({mask}, out.index({mask}) + ye);
     }
@@ -167,7 +168,7 @@ torch::Tensor naive_moe(const torch::Tensor& x, MoELayer& layer, const MoeConfig
 }
 
 struct LayerBench {
-  std::vector<std::pair<std::string, double>> ms;  // name -> median ms (slowest rank)
+  std::vector<std::pair<std::string, double>> ms;           // name -> median ms (slowest rank)
   double phase_ms[PhaseTimes::Count] = {0, 0, 0, 0, 0, 0};  // rank 0 medians, forward + backward
   LayerStats stats;
 };
@@ -248,13 +249,17 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
       t["aux_loss"] = o.aux_loss.detach().view({1});
       t["z_loss"] = o.z_loss.detach().view({1});
       std::map<std::string, std::string> meta = {
-          {"experts", std::to_string(mc.experts)}, {"top_k", std::to_string(k)},
-          {"score_fn", mc.score_fn},                {"activation", mc.activation},
+          {"experts", std::to_string(mc.experts)},
+          {"top_k", std::to_string(k)},
+          {"score_fn", mc.score_fn},
+          {"activation", mc.activation},
           {"capacity_factor", std::to_string(mc.capacity_factor)},
-          {"rank", std::to_string(c.rank())},       {"world", std::to_string(ep)},
+          {"rank", std::to_string(c.rank())},
+          {"world", std::to_string(ep)},
           {"loss", "sum(output * grad_output) + aux_loss + z_loss"}};
       ::mkdir(dump_dir.c_str(), 0755);
-      write_safetensors(dump_dir + "/layer_rank" + std::to_string(c.rank()) + ".safetensors", t, meta);
+      write_safetensors(dump_dir + "/layer_rank" + std::to_string(c.rank()) + ".safetensors", t,
+                        meta);
     }
     clear_grads(layer);
     x.mutable_grad().reset();
@@ -262,7 +267,8 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
   auto slowest_median = [&](const std::vector<double>& v) {
     torch::Tensor t = torch::tensor(v, torch::kFloat64);
     c.all_reduce(t, comm::ReduceOp::Max);
-    return median(std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel())) * 1e3;
+    return median(std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel())) *
+           1e3;
   };
   out.ms.push_back({"expert_only_limit", slowest_median(t_limit)});
   if (with_naive) out.ms.push_back({"naive_loop", slowest_median(t_naive)});
@@ -274,7 +280,8 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
 void report_layer(const LayerBench& b, const Config& cfg, int world, bool json) {
   const double limit = b.ms[0].second;
   nlohmann::json results = nlohmann::json::array();
-  for (const auto& [name, ms] : b.ms) results.push_back({{"name", name}, {"ms", ms}, {"ratio_to_limit", ms / limit}});
+  for (const auto& [name, ms] : b.ms)
+    results.push_back({{"name", name}, {"ms", ms}, {"ratio_to_limit", ms / limit}});
   nlohmann::json breakdown = nlohmann::json::object();
   double layer_ms = b.ms.back().second, accounted = 0;
   for (int p = 0; p < PhaseTimes::Count; ++p) {
@@ -298,15 +305,20 @@ void report_layer(const LayerBench& b, const Config& cfg, int world, bool json) 
     std::cout << doc.dump() << std::endl;
     return;
   }
-  std::printf("MoE layer forward+backward, fp32: T %lld/rank, D %lld, H %lld, E %lld, k %lld, cf %.2f, world %d\n",
-              static_cast<long long>(cfg.bench.tokens), static_cast<long long>(cfg.model.d_model),
-              static_cast<long long>(m.d_expert), static_cast<long long>(m.experts), static_cast<long long>(m.top_k),
-              m.capacity_factor, world);
+  std::printf(
+      "MoE layer forward+backward, fp32: T %lld/rank, D %lld, H %lld, E %lld, k %lld, cf %.2f, "
+      "world %d\n",
+      static_cast<long long>(cfg.bench.tokens), static_cast<long long>(cfg.model.d_model),
+      static_cast<long long>(m.d_expert), static_cast<long long>(m.experts),
+      static_cast<long long>(m.top_k), m.capacity_factor, world);
   std::printf("%-20s %12s %10s\n", "variant", "median ms", "x limit");
-  for (const auto& [name, ms] : b.ms) std::printf("%-20s %12.2f %10.3f\n", name.c_str(), ms, ms / limit);
+  for (const auto& [name, ms] : b.ms)
+    std::printf("%-20s %12.2f %10.3f\n", name.c_str(), ms, ms / limit);
   std::printf("moe_layer breakdown (rank 0 medians, forward+backward ms):");
-  for (int p = 0; p < PhaseTimes::Count; ++p) std::printf(" %s %.2f", PhaseTimes::name(p), b.phase_ms[p]);
-  std::printf(" other %.2f; dropped %.2f%%\n", std::max(0.0, layer_ms - accounted), 100 * b.stats.drop_fraction);
+  for (int p = 0; p < PhaseTimes::Count; ++p)
+    std::printf(" %s %.2f", PhaseTimes::name(p), b.phase_ms[p]);
+  std::printf(" other %.2f; dropped %.2f%%\n", std::max(0.0, layer_ms - accounted),
+              100 * b.stats.drop_fraction);
   std::fflush(stdout);
 }
 

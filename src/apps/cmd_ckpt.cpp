@@ -3,12 +3,12 @@
 #include <sys/stat.h>
 
 #include <cmath>
-#include <set>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <set>
 
 #include "moe/apps/commands.h"
 #include "moe/core/error.h"
@@ -25,7 +25,8 @@ std::string resolve_checkpoint_dir(const std::string& dir) {
   if (::stat((dir + "/manifest.json").c_str(), &st) == 0) return dir;
   std::string problems;
   std::string found = find_checkpoint(dir, &problems);
-  if (found.empty()) MOE_THROW(CheckpointError, "no valid checkpoint in '" << dir << "': " << problems);
+  if (found.empty())
+    MOE_THROW(CheckpointError, "no valid checkpoint in '" << dir << "': " << problems);
   return found;
 }
 
@@ -41,12 +42,14 @@ nlohmann::json read_manifest(const std::string& ckpt) {
 }
 
 // All "param."/"buffer." tensors of a checkpoint, keys without the prefix kind kept.
-std::map<std::string, torch::Tensor> read_checkpoint(const std::string& ckpt, const nlohmann::json& m) {
+std::map<std::string, torch::Tensor> read_checkpoint(const std::string& ckpt,
+                                                     const nlohmann::json& m) {
   std::map<std::string, torch::Tensor> all;
   for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
     const std::string path = ckpt + "/" + it.key();
     if (file_checksum(path) != it.value()["fnv1a64"].get<uint64_t>())
-      MOE_THROW(CheckpointError, path << " fails its checksum (the manifest records another content)");
+      MOE_THROW(CheckpointError,
+                path << " fails its checksum (the manifest records another content)");
     for (auto& [k, v] : read_safetensors(path))
       if (k.rfind("param.", 0) == 0 || k.rfind("buffer.", 0) == 0) all[k] = v;
   }
@@ -72,8 +75,8 @@ std::map<std::string, torch::Tensor> to_mixtral(const std::map<std::string, torc
     } else if (k == "param.final_norm") {
       out["model.norm.weight"] = v;
     } else if (std::regex_match(k, m, expert)) {
-      out["model.layers." + m[1].str() + ".block_sparse_moe.experts." + m[2].str() + "." + m[3].str() + ".weight"] =
-          v.t().contiguous();
+      out["model.layers." + m[1].str() + ".block_sparse_moe.experts." + m[2].str() + "." +
+          m[3].str() + ".weight"] = v.t().contiguous();
     } else if (std::regex_match(k, m, layer)) {
       const std::string pre = "model.layers." + m[2].str() + ".", rest = m[3].str();
       if (rest == "norm1") {
@@ -108,10 +111,11 @@ std::map<std::string, torch::Tensor> to_mixtral(const std::map<std::string, torc
   return out;
 }
 
-std::map<std::string, torch::Tensor> from_mixtral(const std::map<std::string, torch::Tensor>& theirs,
-                                                  const std::string& file) {
+std::map<std::string, torch::Tensor> from_mixtral(
+    const std::map<std::string, torch::Tensor>& theirs, const std::string& file) {
   std::map<std::string, torch::Tensor> out;
-  const std::regex expert(R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight)");
+  const std::regex expert(
+      R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight)");
   const std::regex layer(R"(model\.layers\.(\d+)\.(.+))");
   std::map<std::string, std::map<std::string, torch::Tensor>> qkv;  // layer -> q/k/v
   for (const auto& [k, v] : theirs) {
@@ -123,32 +127,45 @@ std::map<std::string, torch::Tensor> from_mixtral(const std::map<std::string, to
     } else if (k == "model.norm.weight") {
       out["param.final_norm"] = v;
     } else if (std::regex_match(k, m, expert)) {
-      out["param.layers." + m[1].str() + ".moe.experts." + m[2].str() + "." + m[3].str()] = v.t().contiguous();
+      out["param.layers." + m[1].str() + ".moe.experts." + m[2].str() + "." + m[3].str()] =
+          v.t().contiguous();
     } else if (std::regex_match(k, m, layer)) {
       const std::string pre = "param.layers." + m[1].str() + ".", rest = m[2].str();
-      if (rest == "input_layernorm.weight") out[pre + "norm1"] = v;
-      else if (rest == "post_attention_layernorm.weight") out[pre + "norm2"] = v;
-      else if (rest == "self_attn.q_proj.weight" || rest == "self_attn.k_proj.weight" || rest == "self_attn.v_proj.weight")
+      if (rest == "input_layernorm.weight")
+        out[pre + "norm1"] = v;
+      else if (rest == "post_attention_layernorm.weight")
+        out[pre + "norm2"] = v;
+      else if (rest == "self_attn.q_proj.weight" || rest == "self_attn.k_proj.weight" ||
+               rest == "self_attn.v_proj.weight")
         qkv[m[1].str()][rest.substr(10, 1)] = v;
-      else if (rest == "self_attn.o_proj.weight") out[pre + "wo"] = v.t().contiguous();
-      else if (rest == "block_sparse_moe.gate.weight") out[pre + "moe.router.weight"] = v;
-      else if (rest == "block_sparse_moe.gate.balance_bias") out["buffer.layers." + m[1].str() + ".moe.router.balance_bias"] = v;
-      else if (rest == "mlp.gate_proj.weight") out[pre + "mlp.w1"] = v.t().contiguous();
-      else if (rest == "mlp.up_proj.weight") out[pre + "mlp.w3"] = v.t().contiguous();
-      else if (rest == "mlp.down_proj.weight") out[pre + "mlp.w2"] = v.t().contiguous();
+      else if (rest == "self_attn.o_proj.weight")
+        out[pre + "wo"] = v.t().contiguous();
+      else if (rest == "block_sparse_moe.gate.weight")
+        out[pre + "moe.router.weight"] = v;
+      else if (rest == "block_sparse_moe.gate.balance_bias")
+        out["buffer.layers." + m[1].str() + ".moe.router.balance_bias"] = v;
+      else if (rest == "mlp.gate_proj.weight")
+        out[pre + "mlp.w1"] = v.t().contiguous();
+      else if (rest == "mlp.up_proj.weight")
+        out[pre + "mlp.w3"] = v.t().contiguous();
+      else if (rest == "mlp.down_proj.weight")
+        out[pre + "mlp.w2"] = v.t().contiguous();
       else if (rest.rfind("block_sparse_moe.shared_expert.", 0) == 0) {
         const std::string n = rest.substr(31);
         const char* w = n == "gate_proj.weight" ? "w1" : n == "up_proj.weight" ? "w3" : "w2";
         out[pre + "moe.shared_" + w] = v.t().contiguous().unsqueeze(0);
       } else {
-        MOE_THROW(CheckpointError, file << ": tensor '" << k << "' has no counterpart in this framework's model");
+        MOE_THROW(CheckpointError,
+                  file << ": tensor '" << k << "' has no counterpart in this framework's model");
       }
     } else {
-      MOE_THROW(CheckpointError, file << ": tensor '" << k << "' has no counterpart in this framework's model");
+      MOE_THROW(CheckpointError,
+                file << ": tensor '" << k << "' has no counterpart in this framework's model");
     }
   }
   for (auto& [l, parts] : qkv) {
-    if (parts.size() != 3) MOE_THROW(CheckpointError, file << ": layer " << l << " lacks one of q_proj, k_proj, v_proj");
+    if (parts.size() != 3)
+      MOE_THROW(CheckpointError, file << ": layer " << l << " lacks one of q_proj, k_proj, v_proj");
     out["param.layers." + l + ".wqkv"] =
         torch::cat({parts["q"].t(), parts["k"].t(), parts["v"].t()}, 1).contiguous();
   }
@@ -174,8 +191,8 @@ int ckpt_info(const std::string& dir) {
   }
   std::cout << "checkpoint " << ckpt << "\n"
             << "  step          " << m["step"] << "\n"
-            << "  saved at      ep " << m["ep"] << " x dp " << m["dp"] << " (loads at any EP that divides "
-            << m["experts"] << " experts)\n"
+            << "  saved at      ep " << m["ep"] << " x dp " << m["dp"]
+            << " (loads at any EP that divides " << m["experts"] << " experts)\n"
             << "  moe layers    " << m["moe_layers"] << ", " << m["experts"] << " experts each\n"
             << "  parameters    " << params << " (experts " << expert_params << ")\n"
             << "  files         (all checksums verified)\n";
@@ -189,19 +206,21 @@ int ckpt_export(const std::string& dir, const std::string& out) {
   const std::string ckpt = resolve_checkpoint_dir(dir);
   nlohmann::json m = read_manifest(ckpt);
   auto named = to_mixtral(read_checkpoint(ckpt, m));
-  write_safetensors(out, named,
-                    {{"format", "pt"},
-                     {"source", ckpt},
-                     {"step", std::to_string(m["step"].get<int64_t>())},
-                     {"rope", "pairs (2i, 2i+1) rotated together; Hugging Face's rotate_half pairs (i, i+d/2)"}});
+  write_safetensors(
+      out, named,
+      {{"format", "pt"},
+       {"source", ckpt},
+       {"step", std::to_string(m["step"].get<int64_t>())},
+       {"rope", "pairs (2i, 2i+1) rotated together; Hugging Face's rotate_half pairs (i, i+d/2)"}});
   std::cout << "wrote " << named.size() << " tensors to " << out << "\n";
   return kExitOk;
 }
 
 // Writes `ours` (param./buffer. keys, experts keyed globally) as a one-rank
 // checkpoint RUN_DIR/checkpoints/step_N that `moe train --resume` loads at any EP.
-std::string write_plain_checkpoint(const std::map<std::string, torch::Tensor>& ours, const std::string& run_dir,
-                                   int64_t step, int64_t* n_experts_out, size_t* moe_layers_out) {
+std::string write_plain_checkpoint(const std::map<std::string, torch::Tensor>& ours,
+                                   const std::string& run_dir, int64_t step, int64_t* n_experts_out,
+                                   size_t* moe_layers_out) {
   std::map<std::string, torch::Tensor> shared, experts;
   int64_t n_experts = 0;
   std::set<std::string> moe_layers;
@@ -221,7 +240,8 @@ std::string write_plain_checkpoint(const std::map<std::string, torch::Tensor>& o
   const std::string dir = run_dir + "/checkpoints/" + name;
   if (std::system(("mkdir -p '" + dir + "'").c_str()) != 0)
     MOE_THROW(CheckpointError, "cannot create '" << dir << "'");
-  write_safetensors(dir + "/shared.safetensors", shared, {{"step", std::to_string(step)}, {"adam_step", "0"}});
+  write_safetensors(dir + "/shared.safetensors", shared,
+                    {{"step", std::to_string(step)}, {"adam_step", "0"}});
   nlohmann::json files = nlohmann::json::object();
   std::vector<std::string> names = {"shared.safetensors"};
   if (!experts.empty()) {
@@ -231,10 +251,15 @@ std::string write_plain_checkpoint(const std::map<std::string, torch::Tensor>& o
   for (const auto& n : names) {
     struct stat st;
     ::stat((dir + "/" + n).c_str(), &st);
-    files[n] = {{"bytes", static_cast<int64_t>(st.st_size)}, {"fnv1a64", file_checksum(dir + "/" + n)}};
+    files[n] = {{"bytes", static_cast<int64_t>(st.st_size)},
+                {"fnv1a64", file_checksum(dir + "/" + n)}};
   }
-  nlohmann::json manifest = {{"step", step}, {"experts", n_experts}, {"moe_layers", moe_layers.size()},
-                             {"ep", 1},       {"dp", 1},              {"config_hash", 0},
+  nlohmann::json manifest = {{"step", step},
+                             {"experts", n_experts},
+                             {"moe_layers", moe_layers.size()},
+                             {"ep", 1},
+                             {"dp", 1},
+                             {"config_hash", 0},
                              {"files", files}};
   std::ofstream(dir + "/manifest.json") << manifest.dump(2) << "\n";
   *n_experts_out = n_experts;
@@ -250,15 +275,18 @@ int ckpt_import(const std::string& file, const std::string& run_dir) {
   size_t layers = 0;
   std::string dir = write_plain_checkpoint(ours, run_dir, 0, &experts, &layers);
   std::cout << "imported " << ours.size() << " tensors (" << layers << " MoE layers, " << experts
-            << " experts) into " << dir << "; continue with: moe train CONFIG --resume " << run_dir << "\n";
+            << " experts) into " << dir << "; continue with: moe train CONFIG --resume " << run_dir
+            << "\n";
   return kExitOk;
 }
 
 // Dense -> MoE (sparse upcycling): every dense MLP is copied into each of
 // `experts` experts; routers start fresh (N(0, (0.1/sqrt(D))^2), seeded).
 // With renormalised top-k gates the upcycled model computes what the dense one did.
-int ckpt_upcycle(const std::string& dense_dir, const std::string& out_dir, int64_t experts, int64_t seed) {
-  if (experts < 1) MOE_THROW(UsageError, "moe ckpt upcycle DENSE_DIR OUT_DIR --experts E: E must be >= 1");
+int ckpt_upcycle(const std::string& dense_dir, const std::string& out_dir, int64_t experts,
+                 int64_t seed) {
+  if (experts < 1)
+    MOE_THROW(UsageError, "moe ckpt upcycle DENSE_DIR OUT_DIR --experts E: E must be >= 1");
   const std::string ckpt = resolve_checkpoint_dir(dense_dir);
   nlohmann::json m = read_manifest(ckpt);
   auto dense = read_checkpoint(ckpt, m);
@@ -272,23 +300,30 @@ int ckpt_upcycle(const std::string& dense_dir, const std::string& out_dir, int64
       continue;
     }
     const std::string l = sm[1].str(), w = sm[2].str();
-    for (int64_t e = 0; e < experts; ++e) out["param.layers." + l + ".moe.experts." + std::to_string(e) + "." + w] = v;
+    for (int64_t e = 0; e < experts; ++e)
+      out["param.layers." + l + ".moe.experts." + std::to_string(e) + "." + w] = v;
     if (w == "w1") {
       ++layers;
       width = v.size(1);
       const int64_t D = v.size(0);
-      auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed) * 7919 + std::stoull(l));
-      out["param.layers." + l + ".moe.router.weight"] = at::normal(0.0, 0.1 / std::sqrt(double(D)), {experts, D}, gen);
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed) * 7919 +
+                                                          std::stoull(l));
+      out["param.layers." + l + ".moe.router.weight"] =
+          at::normal(0.0, 0.1 / std::sqrt(double(D)), {experts, D}, gen);
       out["buffer.layers." + l + ".moe.router.balance_bias"] = torch::zeros({experts});
     }
   }
-  if (layers == 0) MOE_THROW(CheckpointError, ckpt << " has no dense MLP blocks (layers.N.mlp.w1): nothing to upcycle");
+  if (layers == 0)
+    MOE_THROW(CheckpointError,
+              ckpt << " has no dense MLP blocks (layers.N.mlp.w1): nothing to upcycle");
   int64_t n_experts = 0;
   size_t n_layers = 0;
-  std::string dir = write_plain_checkpoint(out, out_dir, m["step"].get<int64_t>(), &n_experts, &n_layers);
-  std::cout << "upcycled " << layers << " dense MLP blocks into " << experts << " experts each -> " << dir << "\n"
-            << "train it with: moe train CONFIG model.dense=false model.moe_every=1 moe.experts=" << experts
-            << " moe.d_expert=" << width << " --resume " << out_dir << "\n";
+  std::string dir =
+      write_plain_checkpoint(out, out_dir, m["step"].get<int64_t>(), &n_experts, &n_layers);
+  std::cout << "upcycled " << layers << " dense MLP blocks into " << experts << " experts each -> "
+            << dir << "\n"
+            << "train it with: moe train CONFIG model.dense=false model.moe_every=1 moe.experts="
+            << experts << " moe.d_expert=" << width << " --resume " << out_dir << "\n";
   return kExitOk;
 }
 
@@ -296,7 +331,8 @@ int ckpt_upcycle(const std::string& dense_dir, const std::string& out_dir, int64
 
 int run_ckpt(const CkptArgs& args) {
   auto path = [&](size_t i) -> std::string {
-    if (args.paths.size() <= i) MOE_THROW(UsageError, "moe ckpt " << args.action << ": missing DIR argument");
+    if (args.paths.size() <= i)
+      MOE_THROW(UsageError, "moe ckpt " << args.action << ": missing DIR argument");
     return args.paths[i];
   };
   if (args.action == "info") return ckpt_info(path(0));

@@ -23,8 +23,8 @@ int run_train(const TrainArgs& args) {
     TrainResult r = train(world, cfg, opts);
     if (world.rank() == 0 && !r.losses.empty())
       MOE_LOG(Info) << "done: loss " << r.losses.front() << " -> " << r.losses.back() << " over "
-                    << r.losses.size() << " steps, " << static_cast<int64_t>(r.tokens_per_s) << " tokens/s, peak RSS "
-                    << peak_rss_bytes() / (1 << 20) << " MiB"
+                    << r.losses.size() << " steps, " << static_cast<int64_t>(r.tokens_per_s)
+                    << " tokens/s, peak RSS " << peak_rss_bytes() / (1 << 20) << " MiB"
                     << (opts.out_dir.empty() ? "" : "; outputs in " + opts.out_dir);
   });
   return kExitOk;

@@ -99,7 +99,8 @@ int main(int argc, char** argv) {
   ckpt_cmd->add_option("paths", ckpt.paths, "checkpoint directories / files");
   ckpt_cmd->add_option("--safetensors", ckpt.safetensors,
                        "safetensors file to export to / import from");
-  ckpt_cmd->add_option("--experts", ckpt.experts, "upcycle: experts per MoE layer")->check(CLI::Range(1, 65536));
+  ckpt_cmd->add_option("--experts", ckpt.experts, "upcycle: experts per MoE layer")
+      ->check(CLI::Range(1, 65536));
   ckpt_cmd->add_option("--seed", ckpt.seed, "upcycle: seed of the fresh routers");
 
   try {

@@ -31,7 +31,8 @@ std::string resolve_backend(const std::string& requested) {
   if (requested == "thread") {
     // Each mpirun process would otherwise run its own private thread world.
     MOE_CHECK_T(ConfigError, !under_mpirun(),
-                "parallel.backend = 'thread' but this process was started by mpirun: use parallel.backend=auto "
+                "parallel.backend = 'thread' but this process was started by mpirun: use "
+                "parallel.backend=auto "
                 "(or mpi) so the processes form one world");
     return requested;
   }
@@ -84,7 +85,8 @@ void run_on_world(const std::string& backend, int thread_ranks, double timeout_s
     auto world = MpiComm::world(timeout_s);
     set_current_rank(world->rank());
     int local_size = 1;
-    if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) local_size = std::max(1, std::atoi(v));
+    if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE"))
+      local_size = std::max(1, std::atoi(v));
     configure_cpu_threads(1, local_size);
     if (backend == "mpi") {
       fn(*world);

@@ -105,7 +105,8 @@ void install_caching_cpu_allocator(int64_t cache_limit_bytes) {
 }
 
 CachingAllocatorStats caching_allocator_stats() {
-  return CachingCpuAllocator::instance ? CachingCpuAllocator::instance->stats() : CachingAllocatorStats{};
+  return CachingCpuAllocator::instance ? CachingCpuAllocator::instance->stats()
+                                       : CachingAllocatorStats{};
 }
 
 }  // namespace moe

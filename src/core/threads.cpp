@@ -15,19 +15,23 @@ namespace {
 thread_local int t_cpu_budget = 1;
 using SetThreads = void (*)(int);
 SetThreads openblas_setter() {
-  static SetThreads fn = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  static SetThreads fn =
+      reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
   return fn;
 }
 }  // namespace
 
-int cpu_budget() { return t_cpu_budget; }
+int cpu_budget() {
+  return t_cpu_budget;
+}
 
 bool openblas_loaded() {
   static std::atomic<bool> warned{false};
   bool loaded = openblas_setter() != nullptr;
   if (!loaded && !warned.exchange(true)) {
-    MOE_LOG(Warn) << "OpenBLAS is not the BLAS in use: matrix products run on the reference BLAS, about 20x "
-                     "slower (apt-get install libopenblas0-pthread)";
+    MOE_LOG(Warn)
+        << "OpenBLAS is not the BLAS in use: matrix products run on the reference BLAS, about 20x "
+           "slower (apt-get install libopenblas0-pthread)";
   }
   return loaded;
 }

@@ -14,7 +14,8 @@ uint64_t name_seed(uint64_t seed, const std::string& name) {
   for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
   return h;
 }
-torch::Tensor init_normal(std::vector<int64_t> shape, double std, uint64_t seed, const std::string& name) {
+torch::Tensor init_normal(std::vector<int64_t> shape, double std, uint64_t seed,
+                          const std::string& name) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(name_seed(seed, name));
   return at::normal(0.0, std, shape, gen);
 }
@@ -22,7 +23,8 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps) * w;
 }
 // Rotates pairs (even, odd) of the last dimension by position-dependent angles.
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos,
+                         const torch::Tensor& sin) {
   // x [B, H, S, hd]; cos/sin [S, hd/2]
   auto x2 = x.unflatten(-1, {-1, 2});
   auto a = x2.select(-1, 0), b = x2.select(-1, 1);
@@ -33,11 +35,16 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const
 struct DenseMlp : torch::nn::Module {
   torch::Tensor w1, w3, w2;
   DenseMlp(int64_t D, int64_t F, uint64_t seed, const std::string& name) {
-    w1 = register_parameter("w1", init_normal({D, F}, 1.0 / std::sqrt(double(D)), seed, name + ".w1"));
-    w3 = register_parameter("w3", init_normal({D, F}, 1.0 / std::sqrt(double(D)), seed, name + ".w3"));
-    w2 = register_parameter("w2", init_normal({F, D}, 1.0 / std::sqrt(double(F)), seed, name + ".w2"));
+    w1 = register_parameter("w1",
+                            init_normal({D, F}, 1.0 / std::sqrt(double(D)), seed, name + ".w1"));
+    w3 = register_parameter("w3",
+                            init_normal({D, F}, 1.0 / std::sqrt(double(D)), seed, name + ".w3"));
+    w2 = register_parameter("w2",
+                            init_normal({F, D}, 1.0 / std::sqrt(double(F)), seed, name + ".w2"));
   }
-  torch::Tensor forward(const torch::Tensor& x) { return torch::mm(torch::silu(torch::mm(x, w1)) * torch::mm(x, w3), w2); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return torch::mm(torch::silu(torch::mm(x, w1)) * torch::mm(x, w3), w2);
+  }
 };
 
 struct Block : torch::nn::Module {
@@ -46,29 +53,36 @@ struct Block : torch::nn::Module {
   std::shared_ptr<MoELayer> moe;
 };
 
-TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, uint64_t seed) : cfg_(cfg) {
+TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, uint64_t seed)
+    : cfg_(cfg) {
   const auto& m = cfg.model;
   const int64_t D = m.d_model, V = m.vocab, hd = D / m.heads;
   embedding_ = register_parameter("embedding", init_normal({V, D}, 0.02, seed, "embedding"));
-  if (!m.tie_embeddings) head_ = register_parameter("head", init_normal({V, D}, 0.02, seed, "head"));
+  if (!m.tie_embeddings)
+    head_ = register_parameter("head", init_normal({V, D}, 0.02, seed, "head"));
   final_norm_ = register_parameter("final_norm", torch::ones({D}));
   auto layer_list = register_module("layers", std::make_shared<torch::nn::Module>());
-  const int64_t dense_twin_ff = cfg.moe.top_k * cfg.moe.d_expert + cfg.moe.shared_experts * cfg.moe.d_expert;
+  const int64_t dense_twin_ff =
+      cfg.moe.top_k * cfg.moe.d_expert + cfg.moe.shared_experts * cfg.moe.d_expert;
   for (int64_t i = 0; i < m.layers; ++i) {
     auto b = std::make_shared<Block>();
     const std::string name = "layers." + std::to_string(i);
     b->norm1 = b->register_parameter("norm1", torch::ones({D}));
     b->norm2 = b->register_parameter("norm2", torch::ones({D}));
-    b->wqkv = b->register_parameter("wqkv", init_normal({D, 3 * D}, 1.0 / std::sqrt(double(D)), seed, name + ".wqkv"));
+    b->wqkv = b->register_parameter(
+        "wqkv", init_normal({D, 3 * D}, 1.0 / std::sqrt(double(D)), seed, name + ".wqkv"));
     // Output projections start small (scaled by depth) so the residual stream starts near identity.
     b->wo = b->register_parameter(
         "wo", init_normal({D, D}, 1.0 / std::sqrt(double(D) * 2 * m.layers), seed, name + ".wo"));
     const bool is_moe = !m.dense && (i + 1) % m.moe_every == 0;
     if (is_moe) {
-      b->moe = b->register_module("moe", std::make_shared<MoELayer>(cfg.moe, D, ep_group, name_seed(seed, name + ".moe")));
+      b->moe = b->register_module(
+          "moe", std::make_shared<MoELayer>(cfg.moe, D, ep_group, name_seed(seed, name + ".moe")));
       moe_layers_.push_back(b->moe);
     } else {
-      b->mlp = b->register_module("mlp", std::make_shared<DenseMlp>(D, m.dense ? dense_twin_ff : m.d_ff, seed, name + ".mlp"));
+      b->mlp = b->register_module(
+          "mlp",
+          std::make_shared<DenseMlp>(D, m.dense ? dense_twin_ff : m.d_ff, seed, name + ".mlp"));
     }
     blocks_.push_back(layer_list->register_module(std::to_string(i), b));
   }
@@ -82,10 +96,11 @@ TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, ui
 LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed) {
   const auto& m = cfg_.model;
   MOE_CHECK_T(ShapeError, tokens.dim() == 2 && tokens.scalar_type() == torch::kInt64,
-              "model input must be [batch, seq] int64 tokens, got " << comm::shape_str(tokens) << " "
-                                                                   << tokens.scalar_type());
+              "model input must be [batch, seq] int64 tokens, got " << comm::shape_str(tokens)
+                                                                    << " " << tokens.scalar_type());
   const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model, H = m.heads, hd = D / H;
-  MOE_CHECK_T(ShapeError, S <= m.seq_len, "sequence length " << S << " exceeds model.seq_len = " << m.seq_len);
+  MOE_CHECK_T(ShapeError, S <= m.seq_len,
+              "sequence length " << S << " exceeds model.seq_len = " << m.seq_len);
   torch::Tensor x = embedding_.index_select(0, tokens.reshape({-1})).view({B, S, D});
   torch::Tensor cos = rope_cos_.narrow(0, 0, S), sin = rope_sin_.narrow(0, 0, S);
   torch::Tensor causal = torch::ones({S, S}, torch::kBool).triu(1);
@@ -123,8 +138,8 @@ std::vector<std::pair<std::string, torch::Tensor>> TransformerLM::expert_paramet
   std::vector<std::pair<std::string, torch::Tensor>> out;
   for (const auto& p : named_parameters()) {
     const std::string& n = p.key();
-    bool expert = n.find(".moe.w1") != std::string::npos || n.find(".moe.w2") != std::string::npos ||
-                  n.find(".moe.w3") != std::string::npos;
+    bool expert = n.find(".moe.w1") != std::string::npos ||
+                  n.find(".moe.w2") != std::string::npos || n.find(".moe.w3") != std::string::npos;
     if (expert) out.emplace_back(n, p.value());
   }
   return out;

@@ -8,21 +8,24 @@
 
 namespace moe {
 
-int64_t expert_capacity(int64_t tokens, int64_t top_k, int64_t experts, double capacity_factor, int64_t min_capacity) {
+int64_t expert_capacity(int64_t tokens, int64_t top_k, int64_t experts, double capacity_factor,
+                        int64_t min_capacity) {
   if (capacity_factor <= 0) return 0;
   // A tiny epsilon keeps exact products (1.25 * 4096 * 2 / 8) from rounding up.
-  int64_t c = static_cast<int64_t>(std::ceil(capacity_factor * double(tokens * top_k) / double(experts) - 1e-9));
+  int64_t c = static_cast<int64_t>(
+      std::ceil(capacity_factor * double(tokens * top_k) / double(experts) - 1e-9));
   return std::max(min_capacity, c);
 }
 
-DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Tensor& gate, int64_t experts,
-                                int64_t ep, double capacity_factor, int64_t min_capacity, const std::string& policy,
-                                bool padded) {
+DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Tensor& gate,
+                                int64_t experts, int64_t ep, double capacity_factor,
+                                int64_t min_capacity, const std::string& policy, bool padded) {
   MOE_CHECK_T(ShapeError, expert_idx.dim() == 2 && expert_idx.scalar_type() == torch::kInt64,
-              "dispatch plan: expert_idx must be [T, k] int64, got dim " << expert_idx.dim() << " "
-                                                                         << expert_idx.scalar_type());
-  MOE_CHECK_T(ConfigError, experts % ep == 0,
-              "dispatch plan: moe.experts = " << experts << " is not divisible by the EP size " << ep);
+              "dispatch plan: expert_idx must be [T, k] int64, got dim "
+                  << expert_idx.dim() << " " << expert_idx.scalar_type());
+  MOE_CHECK_T(
+      ConfigError, experts % ep == 0,
+      "dispatch plan: moe.experts = " << experts << " is not divisible by the EP size " << ep);
   MOE_CHECK_T(ConfigError, policy == "position" || policy == "probability",
               "moe.drop_policy = '" << policy << "': allowed position | probability");
   DispatchPlan p;
@@ -38,17 +41,20 @@ DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Te
   const int64_t* e_of = idx.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s)
     MOE_CHECK_T(ShapeError, e_of[s] >= 0 && e_of[s] < experts,
-                "dispatch plan: token " << s / p.top_k << " slot " << s % p.top_k << " chose expert " << e_of[s]
-                                        << ", allowed 0.." << experts - 1);
+                "dispatch plan: token " << s / p.top_k << " slot " << s % p.top_k
+                                        << " chose expert " << e_of[s] << ", allowed 0.."
+                                        << experts - 1);
 
   // Ranking of slots: position order, or by descending gate probability.
   std::vector<int64_t> order(S);
   std::iota(order.begin(), order.end(), 0);
   if (policy == "probability" && p.capacity > 0) {
     torch::Tensor g = gate.detach().to(torch::kFloat32).contiguous();
-    MOE_CHECK_T(ShapeError, g.numel() == S, "dispatch plan: gate has " << g.numel() << " values, expected " << S);
+    MOE_CHECK_T(ShapeError, g.numel() == S,
+                "dispatch plan: gate has " << g.numel() << " values, expected " << S);
     const float* gp = g.data_ptr<float>();
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return gp[a] > gp[b]; });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return gp[a] > gp[b]; });
   }
 
   p.routed.assign(experts, 0);
@@ -64,7 +70,8 @@ DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Te
   p.slot_row = torch::empty({S}, torch::kInt64);
   int64_t* row_of = p.slot_row.data_ptr<int64_t>();
   std::vector<int64_t> offset(experts + 1, 0);
-  for (int64_t e = 0; e < experts; ++e) offset[e + 1] = offset[e] + (p.padded ? p.capacity : p.kept[e]);
+  for (int64_t e = 0; e < experts; ++e)
+    offset[e + 1] = offset[e] + (p.padded ? p.capacity : p.kept[e]);
   p.send_rows = offset[experts];
   p.row_token = torch::full({p.send_rows}, -1, torch::kInt64);
   int64_t* tok_of = p.row_token.data_ptr<int64_t>();

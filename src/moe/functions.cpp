@@ -24,13 +24,16 @@ namespace {
 PhaseTimes* times_of(AutogradContext* ctx) {
   return reinterpret_cast<PhaseTimes*>(ctx->saved_data["times"].toInt());
 }
-int64_t ptr_int(const void* p) { return static_cast<int64_t>(reinterpret_cast<intptr_t>(p)); }
+int64_t ptr_int(const void* p) {
+  return static_cast<int64_t>(reinterpret_cast<intptr_t>(p));
+}
 
 // ---- permute ---------------------------------------------------------------------
 
 struct PermuteFn : public torch::autograd::Function<PermuteFn> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& row_token,
-                               const torch::Tensor& slot_row, int64_t top_k, int64_t times) {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& row_token, const torch::Tensor& slot_row,
+                               int64_t top_k, int64_t times) {
     Stopwatch sw;
     ctx->save_for_backward({slot_row});
     ctx->saved_data["k"] = top_k;
@@ -49,7 +52,8 @@ struct PermuteFn : public torch::autograd::Function<PermuteFn> {
           std::memset(dst + r * bytes, 0, bytes);
       }
     });
-    if (auto* t = reinterpret_cast<PhaseTimes*>(times)) t->forward[PhaseTimes::Permute] += sw.seconds();
+    if (auto* t = reinterpret_cast<PhaseTimes*>(times))
+      t->forward[PhaseTimes::Permute] += sw.seconds();
     return out;
   }
 
@@ -61,28 +65,29 @@ struct PermuteFn : public torch::autograd::Function<PermuteFn> {
     const int64_t S = slot_row.size(0), T = S / k, D = g.size(1);
     torch::Tensor gx = torch::empty({T, D}, g.options());
     const int64_t* row = slot_row.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "permute_backward", [&] {
-      const scalar_t* gp = g.data_ptr<scalar_t>();
-      scalar_t* out = gx.data_ptr<scalar_t>();
-      parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
-        for (int64_t t = lo; t < hi; ++t) {
-          scalar_t* dst = out + t * D;
-          bool first = true;
-          for (int64_t j = 0; j < k; ++j) {
-            int64_t r = row[t * k + j];
-            if (r < 0) continue;
-            const scalar_t* src = gp + r * D;
-            if (first) {
-              std::memcpy(dst, src, D * sizeof(scalar_t));
-              first = false;
-            } else {
-              for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, g.scalar_type(), "permute_backward", [&] {
+          const scalar_t* gp = g.data_ptr<scalar_t>();
+          scalar_t* out = gx.data_ptr<scalar_t>();
+          parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
+            for (int64_t t = lo; t < hi; ++t) {
+              scalar_t* dst = out + t * D;
+              bool first = true;
+              for (int64_t j = 0; j < k; ++j) {
+                int64_t r = row[t * k + j];
+                if (r < 0) continue;
+                const scalar_t* src = gp + r * D;
+                if (first) {
+                  std::memcpy(dst, src, D * sizeof(scalar_t));
+                  first = false;
+                } else {
+                  for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+                }
+              }
+              if (first) std::memset(dst, 0, D * sizeof(scalar_t));  // every slot dropped
             }
-          }
-          if (first) std::memset(dst, 0, D * sizeof(scalar_t));  // every slot dropped
-        }
-      });
-    });
+          });
+        });
     if (auto* t = times_of(ctx)) t->backward[PhaseTimes::Permute] += sw.seconds();
     return {gx, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
@@ -91,8 +96,9 @@ struct PermuteFn : public torch::autograd::Function<PermuteFn> {
 // ---- unpermute ---------------------------------------------------------------------
 
 struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& back, const torch::Tensor& gate,
-                               const torch::Tensor& slot_row, const torch::Tensor& row_token, int64_t times) {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& back,
+                               const torch::Tensor& gate, const torch::Tensor& slot_row,
+                               const torch::Tensor& row_token, int64_t times) {
     Stopwatch sw;
     torch::Tensor b = back.contiguous(), w = gate.contiguous();
     ctx->save_for_backward({b, w, slot_row, row_token});
@@ -100,32 +106,36 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
     const int64_t T = w.size(0), k = w.size(1), D = b.size(1);
     torch::Tensor y = torch::empty({T, D}, b.options());
     const int64_t* row = slot_row.data_ptr<int64_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.scalar_type(), "unpermute_forward", [&] {
-      const scalar_t* bp = b.data_ptr<scalar_t>();
-      torch::Tensor wc = w.to(b.scalar_type());
-      const scalar_t* wp = wc.data_ptr<scalar_t>();
-      scalar_t* yp = y.data_ptr<scalar_t>();
-      parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
-        for (int64_t t = lo; t < hi; ++t) {
-          scalar_t* dst = yp + t * D;
-          bool first = true;
-          for (int64_t j = 0; j < k; ++j) {
-            int64_t r = row[t * k + j];
-            if (r < 0) continue;
-            const scalar_t wt = wp[t * k + j];
-            const scalar_t* src = bp + r * D;
-            if (first) {
-              for (int64_t d = 0; d < D; ++d) dst[d] = wt * src[d];
-              first = false;
-            } else {
-              for (int64_t d = 0; d < D; ++d) dst[d] += wt * src[d];
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, b.scalar_type(), "unpermute_forward", [&] {
+          const scalar_t* bp = b.data_ptr<scalar_t>();
+          torch::Tensor wc = w.to(b.scalar_type());
+          const scalar_t* wp = wc.data_ptr<scalar_t>();
+          scalar_t* yp = y.data_ptr<scalar_t>();
+          parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
+            for (int64_t t = lo; t < hi; ++t) {
+              scalar_t* dst = yp + t * D;
+              bool first = true;
+              for (int64_t j = 0; j < k; ++j) {
+                int64_t r = row[t * k + j];
+                if (r < 0) continue;
+                const scalar_t wt = wp[t * k + j];
+                const scalar_t* src = bp + r * D;
+                if (first) {
+                  for (int64_t d = 0; d < D; ++d) dst[d] = wt * src[d];
+                  first = false;
+                } else {
+                  for (int64_t d = 0; d < D; ++d) dst[d] += wt * src[d];
+                }
+              }
+              if (first)
+                std::memset(dst, 0,
+                            D * sizeof(scalar_t));  // every slot dropped: the residual carries it
             }
-          }
-          if (first) std::memset(dst, 0, D * sizeof(scalar_t));  // every slot dropped: the residual carries it
-        }
-      });
-    });
-    if (auto* t = reinterpret_cast<PhaseTimes*>(times)) t->forward[PhaseTimes::Unpermute] += sw.seconds();
+          });
+        });
+    if (auto* t = reinterpret_cast<PhaseTimes*>(times))
+      t->forward[PhaseTimes::Unpermute] += sw.seconds();
     return y;
   }
 
@@ -144,32 +154,32 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
     const size_t row_size = D * gb.element_size();
     for (int64_t r = 0; r < R; ++r)
       if (tok[r] < 0) std::memset(gbytes + r * row_size, 0, row_size);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, b.scalar_type(), "unpermute_backward", [&] {
-      const scalar_t* bp = b.data_ptr<scalar_t>();
-      const scalar_t* gyp = gy.data_ptr<scalar_t>();
-      torch::Tensor wc = w.to(b.scalar_type());
-      const scalar_t* wp = wc.data_ptr<scalar_t>();
-      scalar_t* gbp = gb.data_ptr<scalar_t>();
-      scalar_t* gwp = gw.data_ptr<scalar_t>();
-      parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
-        for (int64_t t = lo; t < hi; ++t)
-          for (int64_t j = 0; j < k; ++j) {
-            int64_t r = row[t * k + j];
-            if (r < 0) continue;
-            const scalar_t wt = wp[t * k + j];
-            const scalar_t* g = gyp + t * D;
-            const scalar_t* src = bp + r * D;
-            scalar_t* dst = gbp + r * D;
-            float dot = 0;
-            _Pragma("omp simd reduction(+ : dot)")
-            for (int64_t d = 0; d < D; ++d) {
-              dst[d] = wt * g[d];
-              dot += static_cast<float>(g[d]) * static_cast<float>(src[d]);
-            }
-            gwp[t * k + j] = dot;
-          }
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, b.scalar_type(), "unpermute_backward", [&] {
+          const scalar_t* bp = b.data_ptr<scalar_t>();
+          const scalar_t* gyp = gy.data_ptr<scalar_t>();
+          torch::Tensor wc = w.to(b.scalar_type());
+          const scalar_t* wp = wc.data_ptr<scalar_t>();
+          scalar_t* gbp = gb.data_ptr<scalar_t>();
+          scalar_t* gwp = gw.data_ptr<scalar_t>();
+          parallel_ranges(T, 1024, [&](int64_t lo, int64_t hi) {
+            for (int64_t t = lo; t < hi; ++t)
+              for (int64_t j = 0; j < k; ++j) {
+                int64_t r = row[t * k + j];
+                if (r < 0) continue;
+                const scalar_t wt = wp[t * k + j];
+                const scalar_t* g = gyp + t * D;
+                const scalar_t* src = bp + r * D;
+                scalar_t* dst = gbp + r * D;
+                float dot = 0;
+                _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < D; ++d) {
+                  dst[d] = wt * g[d];
+                  dot += static_cast<float>(g[d]) * static_cast<float>(src[d]);
+                }
+                gwp[t * k + j] = dot;
+              }
+          });
+        });
     if (auto* t = times_of(ctx)) t->backward[PhaseTimes::Unpermute] += sw.seconds();
     return {gb, gw.to(w.scalar_type()), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
@@ -178,8 +188,9 @@ struct UnpermuteFn : public torch::autograd::Function<UnpermuteFn> {
 // ---- all-to-all ----------------------------------------------------------------------
 
 struct AllToAllFn : public torch::autograd::Function<AllToAllFn> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, std::vector<int64_t> send,
-                               std::vector<int64_t> recv, int64_t comm, int64_t times, int64_t phase) {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               std::vector<int64_t> send, std::vector<int64_t> recv, int64_t comm,
+                               int64_t times, int64_t phase) {
     Stopwatch sw;
     ctx->saved_data["send"] = send;
     ctx->saved_data["recv"] = recv;
@@ -227,9 +238,10 @@ torch::Tensor dsilu(const torch::Tensor& a) {
 }
 
 struct ExpertMlpFn : public torch::autograd::Function<ExpertMlpFn> {
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w1,
-                               const torch::Tensor& w3, const torch::Tensor& w2, const torch::Tensor& seg,
-                               bool swiglu, int64_t times) {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w1, const torch::Tensor& w3,
+                               const torch::Tensor& w2, const torch::Tensor& seg, bool swiglu,
+                               int64_t times) {
     Stopwatch sw;
     const int64_t R = x.size(0), H = w1.size(2), D = w2.size(2);
     torch::Tensor A = torch::empty({R, H}, x.options());
@@ -255,15 +267,16 @@ struct ExpertMlpFn : public torch::autograd::Function<ExpertMlpFn> {
     ctx->save_for_backward({x, w1, w3, w2, seg, A, swiglu ? B : A});
     ctx->saved_data["swiglu"] = swiglu;
     ctx->saved_data["times"] = times;
-    if (auto* t = reinterpret_cast<PhaseTimes*>(times)) t->forward[PhaseTimes::Experts] += sw.seconds();
+    if (auto* t = reinterpret_cast<PhaseTimes*>(times))
+      t->forward[PhaseTimes::Experts] += sw.seconds();
     return Y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     Stopwatch sw;
     auto saved = ctx->get_saved_variables();
-    torch::Tensor x = saved[0], w1 = saved[1], w3 = saved[2], w2 = saved[3], seg = saved[4], A = saved[5],
-                  B = saved[6];
+    torch::Tensor x = saved[0], w1 = saved[1], w3 = saved[2], w2 = saved[3], seg = saved[4],
+                  A = saved[5], B = saved[6];
     const bool swiglu = ctx->saved_data["swiglu"].toBool();
     torch::Tensor gy_all = grads[0].contiguous();
     torch::Tensor gx = torch::empty_like(x);
@@ -273,7 +286,8 @@ struct ExpertMlpFn : public torch::autograd::Function<ExpertMlpFn> {
     for (int64_t i = 0; i < seg.size(0); ++i) {
       const int64_t e = s[3 * i], start = s[3 * i + 1], n = s[3 * i + 2];
       if (n == 0) continue;
-      torch::Tensor xs = x.narrow(0, start, n), gy = gy_all.narrow(0, start, n), a = A.narrow(0, start, n);
+      torch::Tensor xs = x.narrow(0, start, n), gy = gy_all.narrow(0, start, n),
+                    a = A.narrow(0, start, n);
       torch::Tensor gxs = gx.narrow(0, start, n);
       if (swiglu) {
         torch::Tensor b = B.narrow(0, start, n);
@@ -306,46 +320,53 @@ struct ExpertMlpFn : public torch::autograd::Function<ExpertMlpFn> {
 
 torch::Tensor permute_tokens(const torch::Tensor& x, const DispatchPlan& plan, PhaseTimes* times) {
   MOE_CHECK_T(ShapeError, x.dim() == 2 && x.size(0) == plan.tokens,
-              "permute: x has " << (x.dim() ? x.size(0) : 0) << " rows but the plan has " << plan.tokens << " tokens");
-  return PermuteFn::apply(x.contiguous(), plan.row_token, plan.slot_row, plan.top_k, ptr_int(times));
+              "permute: x has " << (x.dim() ? x.size(0) : 0) << " rows but the plan has "
+                                << plan.tokens << " tokens");
+  return PermuteFn::apply(x.contiguous(), plan.row_token, plan.slot_row, plan.top_k,
+                          ptr_int(times));
 }
 
-torch::Tensor unpermute_tokens(const torch::Tensor& back, const torch::Tensor& gate, const DispatchPlan& plan,
-                               PhaseTimes* times) {
+torch::Tensor unpermute_tokens(const torch::Tensor& back, const torch::Tensor& gate,
+                               const DispatchPlan& plan, PhaseTimes* times) {
   MOE_CHECK_T(ShapeError, back.dim() == 2 && back.size(0) == plan.send_rows,
-              "unpermute: expert output has " << (back.dim() ? back.size(0) : 0) << " rows, the plan sent "
-                                              << plan.send_rows);
-  MOE_CHECK_T(ShapeError, gate.dim() == 2 && gate.size(0) == plan.tokens && gate.size(1) == plan.top_k,
+              "unpermute: expert output has " << (back.dim() ? back.size(0) : 0)
+                                              << " rows, the plan sent " << plan.send_rows);
+  MOE_CHECK_T(ShapeError,
+              gate.dim() == 2 && gate.size(0) == plan.tokens && gate.size(1) == plan.top_k,
               "unpermute: gate must be [" << plan.tokens << ", " << plan.top_k << "]");
   return UnpermuteFn::apply(back, gate, plan.slot_row, plan.row_token, ptr_int(times));
 }
 
 torch::Tensor all_to_all_autograd(const torch::Tensor& x, const std::vector<int64_t>& send_rows,
-                                  const std::vector<int64_t>& recv_rows, comm::Communicator& comm, PhaseTimes* times,
-                                  int phase) {
-  return AllToAllFn::apply(x, send_rows, recv_rows, ptr_int(&comm), ptr_int(times), static_cast<int64_t>(phase));
+                                  const std::vector<int64_t>& recv_rows, comm::Communicator& comm,
+                                  PhaseTimes* times, int phase) {
+  return AllToAllFn::apply(x, send_rows, recv_rows, ptr_int(&comm), ptr_int(times),
+                           static_cast<int64_t>(phase));
 }
 
 torch::Tensor expert_mlp(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w3,
-                         const torch::Tensor& w2, const std::vector<ExpertSegment>& segments, bool swiglu,
-                         PhaseTimes* times) {
+                         const torch::Tensor& w2, const std::vector<ExpertSegment>& segments,
+                         bool swiglu, PhaseTimes* times) {
   MOE_CHECK_T(ShapeError, x.dim() == 2 && w1.dim() == 3 && x.size(1) == w1.size(1),
-              "expert_mlp: input hidden size " << (x.dim() == 2 ? x.size(1) : -1) << " does not match the experts' d_model "
+              "expert_mlp: input hidden size " << (x.dim() == 2 ? x.size(1) : -1)
+                                               << " does not match the experts' d_model "
                                                << (w1.dim() == 3 ? w1.size(1) : -1));
   torch::Tensor seg = torch::empty({static_cast<int64_t>(segments.size()), 3}, torch::kInt64);
   int64_t* s = seg.data_ptr<int64_t>();
   for (size_t i = 0; i < segments.size(); ++i) {
     const auto& g = segments[i];
-    MOE_CHECK_T(ShapeError, g.expert >= 0 && g.expert < w1.size(0) && g.start >= 0 && g.rows >= 0 &&
-                                g.start + g.rows <= x.size(0),
-                "expert_mlp: segment " << i << " (expert " << g.expert << ", rows " << g.start << ".."
-                                       << g.start + g.rows << ") is outside " << w1.size(0) << " experts / "
-                                       << x.size(0) << " rows");
+    MOE_CHECK_T(ShapeError,
+                g.expert >= 0 && g.expert < w1.size(0) && g.start >= 0 && g.rows >= 0 &&
+                    g.start + g.rows <= x.size(0),
+                "expert_mlp: segment " << i << " (expert " << g.expert << ", rows " << g.start
+                                       << ".." << g.start + g.rows << ") is outside " << w1.size(0)
+                                       << " experts / " << x.size(0) << " rows");
     s[3 * i] = g.expert;
     s[3 * i + 1] = g.start;
     s[3 * i + 2] = g.rows;
   }
-  return ExpertMlpFn::apply(x.contiguous(), w1, w3.defined() ? w3 : w1, w2, seg, swiglu, ptr_int(times));
+  return ExpertMlpFn::apply(x.contiguous(), w1, w3.defined() ? w3 : w1, w2, seg, swiglu,
+                            ptr_int(times));
 }
 
 }  // namespace moe

@@ -9,7 +9,8 @@
 
 namespace moe {
 
-Router::Router(const MoeConfig& cfg, int64_t d_model, uint64_t seed) : cfg_(cfg), d_model_(d_model) {
+Router::Router(const MoeConfig& cfg, int64_t d_model, uint64_t seed)
+    : cfg_(cfg), d_model_(d_model) {
   // Init N(0, (0.1/sqrt(D))^2): small logits keep early routing near uniform.
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   weight = register_parameter(
@@ -19,8 +20,9 @@ Router::Router(const MoeConfig& cfg, int64_t d_model, uint64_t seed) : cfg_(cfg)
 
 RouterOutput Router::forward(const torch::Tensor& x, bool training, uint64_t generator_seed) {
   MOE_CHECK_T(ShapeError, x.dim() == 2 && x.size(1) == d_model_,
-              "router: input has shape [" << (x.dim() > 0 ? x.size(0) : 0) << ", " << (x.dim() > 1 ? x.size(1) : 0)
-                                          << "] (dim " << x.dim() << ") but the router expects [T, " << d_model_
+              "router: input has shape [" << (x.dim() > 0 ? x.size(0) : 0) << ", "
+                                          << (x.dim() > 1 ? x.size(1) : 0) << "] (dim " << x.dim()
+                                          << ") but the router expects [T, " << d_model_
                                           << "] (model.d_model)");
   const int64_t E = cfg_.experts, k = cfg_.top_k;
   torch::Tensor input = x;
@@ -42,13 +44,15 @@ RouterOutput Router::forward(const torch::Tensor& x, bool training, uint64_t gen
     if (!torch::isfinite(out.logits).all().item<bool>()) {
       auto bad = (~torch::isfinite(out.logits)).nonzero();
       int64_t t = bad[0][0].item<int64_t>(), e = bad[0][1].item<int64_t>();
-      MOE_THROW(NumericError, "router logits are not finite: " << bad.size(0) << " of " << out.logits.numel()
-                                                               << " values, first at token " << t << ", expert " << e
-                                                               << " = " << out.logits[t][e].item<double>()
-                                                               << " (check the input and the learning rate)");
+      MOE_THROW(NumericError,
+                "router logits are not finite: " << bad.size(0) << " of " << out.logits.numel()
+                                                 << " values, first at token " << t << ", expert "
+                                                 << e << " = " << out.logits[t][e].item<double>()
+                                                 << " (check the input and the learning rate)");
     }
   }
-  out.scores = cfg_.score_fn == "softmax" ? torch::softmax(out.logits, -1) : torch::sigmoid(out.logits);
+  out.scores =
+      cfg_.score_fn == "softmax" ? torch::softmax(out.logits, -1) : torch::sigmoid(out.logits);
 
   torch::Tensor selection;
   {
@@ -58,10 +62,11 @@ RouterOutput Router::forward(const torch::Tensor& x, bool training, uint64_t gen
     if (cfg_.n_groups > 1 && cfg_.topk_groups < cfg_.n_groups) {
       const int64_t T = x.size(0), G = cfg_.n_groups;
       auto grouped = selection.view({T, G, E / G});
-      auto group_score = std::get<0>(grouped.max(-1));                              // [T, G]
-      auto keep_groups = std::get<1>(group_score.topk(cfg_.topk_groups, -1));       // [T, topk_groups]
+      auto group_score = std::get<0>(grouped.max(-1));                         // [T, G]
+      auto keep_groups = std::get<1>(group_score.topk(cfg_.topk_groups, -1));  // [T, topk_groups]
       auto mask = torch::zeros({T, G}, torch::kBool).scatter_(1, keep_groups, true);  // [T, G]
-      selection = grouped.masked_fill(~mask.unsqueeze(-1), -std::numeric_limits<float>::infinity()).view({T, E});
+      selection = grouped.masked_fill(~mask.unsqueeze(-1), -std::numeric_limits<float>::infinity())
+                      .view({T, E});
     }
     out.expert_idx = std::get<1>(selection.topk(k, -1, /*largest=*/true, /*sorted=*/true));
   }
@@ -72,7 +77,8 @@ RouterOutput Router::forward(const torch::Tensor& x, bool training, uint64_t gen
 
 void Router::update_balance_bias(const torch::Tensor& load) {
   MOE_CHECK_T(ShapeError, load.dim() == 1 && load.size(0) == cfg_.experts,
-              "update_balance_bias: load has " << load.numel() << " entries, expected moe.experts = " << cfg_.experts);
+              "update_balance_bias: load has "
+                  << load.numel() << " entries, expected moe.experts = " << cfg_.experts);
   if (cfg_.bias_update_rate <= 0) return;
   torch::NoGradGuard ng;
   auto l = load.to(torch::kFloat32);

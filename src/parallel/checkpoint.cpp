@@ -29,7 +29,8 @@ void mkdir_p(const std::string& path) {
   for (size_t i = 0; i <= path.size(); ++i) {
     if (i == path.size() || path[i] == '/') {
       if (!cur.empty() && ::mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST)
-        MOE_THROW(CheckpointError, "cannot create directory '" << cur << "': " << std::strerror(errno));
+        MOE_THROW(CheckpointError,
+                  "cannot create directory '" << cur << "': " << std::strerror(errno));
     }
     if (i < path.size()) cur += path[i];
   }
@@ -68,11 +69,12 @@ std::string step_name(int64_t step) {
 torch::optim::AdamWParamState* adam_state(torch::optim::AdamW& opt, const torch::Tensor& p) {
   auto& states = opt.state();
   auto it = states.find(c10::guts::to_string(p.unsafeGetTensorImpl()));
-  return it == states.end() ? nullptr : static_cast<torch::optim::AdamWParamState*>(it->second.get());
+  return it == states.end() ? nullptr
+                            : static_cast<torch::optim::AdamWParamState*>(it->second.get());
 }
 
-void set_adam_state(torch::optim::AdamW& opt, const torch::Tensor& p, int64_t step, const torch::Tensor& m,
-                    const torch::Tensor& v) {
+void set_adam_state(torch::optim::AdamW& opt, const torch::Tensor& p, int64_t step,
+                    const torch::Tensor& m, const torch::Tensor& v) {
   auto st = std::make_unique<torch::optim::AdamWParamState>();
   st->step(step);
   st->exp_avg(m.clone());
@@ -93,7 +95,9 @@ std::string expert_key(const std::string& name, int64_t e) {
 
 }  // namespace
 
-void set_checkpoint_crash_for_test(int nth_save) { g_crash_countdown = nth_save; }
+void set_checkpoint_crash_for_test(int nth_save) {
+  g_crash_countdown = nth_save;
+}
 
 uint64_t file_checksum(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -102,13 +106,14 @@ uint64_t file_checksum(const std::string& path) {
   std::vector<char> buf(1 << 20);
   while (in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    for (std::streamsize i = 0; i < in.gcount(); ++i) h = (h ^ static_cast<unsigned char>(buf[i])) * 1099511628211ull;
+    for (std::streamsize i = 0; i < in.gcount(); ++i)
+      h = (h ^ static_cast<unsigned char>(buf[i])) * 1099511628211ull;
   }
   return h;
 }
 
-void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& model, torch::optim::AdamW& optimizer,
-                     comm::ProcessMesh& mesh, const Config& cfg) {
+void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& model,
+                     torch::optim::AdamW& optimizer, comm::ProcessMesh& mesh, const Config& cfg) {
   comm::Communicator& world = mesh.world();
   const std::string root = run_dir + "/checkpoints";
   const std::string final_dir = root + "/" + step_name(step), tmp_dir = final_dir + ".tmp";
@@ -130,7 +135,8 @@ void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& mo
       }
     }
     for (const auto& b : model.named_buffers()) t["buffer." + b.key()] = b.value();
-    write_safetensors(tmp_dir + "/shared.safetensors", t, {{"step", std::to_string(step)}, {"adam_step", std::to_string(adam_step)}});
+    write_safetensors(tmp_dir + "/shared.safetensors", t,
+                      {{"step", std::to_string(step)}, {"adam_step", std::to_string(adam_step)}});
   }
   if (mesh.dp_rank() == 0) {
     std::map<std::string, torch::Tensor> t;
@@ -148,8 +154,8 @@ void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& mo
       }
     }
     if (!t.empty())
-      write_safetensors(tmp_dir + "/experts.ep" + std::to_string(mesh.ep_rank()) + ".safetensors", t,
-                        {{"step", std::to_string(step)}});
+      write_safetensors(tmp_dir + "/experts.ep" + std::to_string(mesh.ep_rank()) + ".safetensors",
+                        t, {{"step", std::to_string(step)}});
   }
   world.barrier();
   // Every rank decides alike: rank 0 counts down, the barrier orders it before the others read.
@@ -157,7 +163,8 @@ void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& mo
   if (world.rank() == 0 && g_crash_countdown > 0) crash = --g_crash_countdown == 0 ? 1 : 0;
   torch::Tensor flag = torch::tensor({int64_t(crash)}, torch::kInt64);
   world.broadcast(flag, 0);
-  if (flag.item<int64_t>()) MOE_THROW(CheckpointError, "simulated crash after writing '" << tmp_dir << "'");
+  if (flag.item<int64_t>())
+    MOE_THROW(CheckpointError, "simulated crash after writing '" << tmp_dir << "'");
   if (world.rank() == 0) {
     nlohmann::json files = nlohmann::json::object();
     DIR* d = ::opendir(tmp_dir.c_str());
@@ -166,7 +173,8 @@ void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& mo
       if (n.size() < 12 || n.compare(n.size() - 12, 12, ".safetensors") != 0) continue;
       struct stat st;
       ::stat((tmp_dir + "/" + n).c_str(), &st);
-      files[n] = {{"bytes", static_cast<int64_t>(st.st_size)}, {"fnv1a64", file_checksum(tmp_dir + "/" + n)}};
+      files[n] = {{"bytes", static_cast<int64_t>(st.st_size)},
+                  {"fnv1a64", file_checksum(tmp_dir + "/" + n)}};
     }
     if (d) ::closedir(d);
     nlohmann::json manifest = {{"step", step},
@@ -185,7 +193,8 @@ void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& mo
     fsync_path(tmp_dir);
     remove_tree(final_dir);
     if (std::rename(tmp_dir.c_str(), final_dir.c_str()) != 0) {
-      MOE_THROW(CheckpointError, "cannot rename '" << tmp_dir << "' to '" << final_dir << "': " << std::strerror(errno));
+      MOE_THROW(CheckpointError, "cannot rename '" << tmp_dir << "' to '" << final_dir
+                                                   << "': " << std::strerror(errno));
     }
     fsync_path(root);
   }
@@ -242,32 +251,39 @@ std::string find_checkpoint(const std::string& run_dir, std::string* problems) {
   return "";
 }
 
-int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model, torch::optim::AdamW& optimizer,
-                        comm::ProcessMesh& mesh, const Config& cfg) {
+int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model,
+                        torch::optim::AdamW& optimizer, comm::ProcessMesh& mesh,
+                        const Config& cfg) {
   std::string problems;
   const std::string dir = find_checkpoint(run_dir, &problems);
-  if (dir.empty()) MOE_THROW(CheckpointError, "no valid checkpoint to resume from in '" << run_dir << "': " << problems);
-  if (!problems.empty() && mesh.world().rank() == 0) MOE_LOG(Warn) << "skipped invalid checkpoints: " << problems;
+  if (dir.empty())
+    MOE_THROW(CheckpointError,
+              "no valid checkpoint to resume from in '" << run_dir << "': " << problems);
+  if (!problems.empty() && mesh.world().rank() == 0)
+    MOE_LOG(Warn) << "skipped invalid checkpoints: " << problems;
   nlohmann::json m;
   std::ifstream(dir + "/manifest.json") >> m;
   if (m["experts"].get<int64_t>() != cfg.moe.experts)
-    MOE_THROW(CheckpointError, dir << "/manifest.json: checkpoint has " << m["experts"].get<int64_t>()
-                                   << " experts per MoE layer, the config has moe.experts = " << cfg.moe.experts);
+    MOE_THROW(CheckpointError,
+              dir << "/manifest.json: checkpoint has " << m["experts"].get<int64_t>()
+                  << " experts per MoE layer, the config has moe.experts = " << cfg.moe.experts);
   if (m["moe_layers"].get<size_t>() != model.moe_layers().size())
-    MOE_THROW(CheckpointError, dir << "/manifest.json: checkpoint has " << m["moe_layers"].get<size_t>()
-                                   << " MoE layers, the model has " << model.moe_layers().size());
+    MOE_THROW(CheckpointError, dir << "/manifest.json: checkpoint has "
+                                   << m["moe_layers"].get<size_t>() << " MoE layers, the model has "
+                                   << model.moe_layers().size());
   torch::NoGradGuard ng;
   std::map<std::string, std::string> meta;
   const std::string shared_file = dir + "/shared.safetensors";
   auto shared = read_safetensors(shared_file, &meta);
   const int64_t adam_step = meta.count("adam_step") ? std::stoll(meta["adam_step"]) : 0;
-  auto take = [&](std::map<std::string, torch::Tensor>& from, const std::string& file, const std::string& key,
-                  const torch::Tensor& like) -> torch::Tensor {
+  auto take = [&](std::map<std::string, torch::Tensor>& from, const std::string& file,
+                  const std::string& key, const torch::Tensor& like) -> torch::Tensor {
     auto it = from.find(key);
     if (it == from.end()) MOE_THROW(CheckpointError, file << " has no tensor '" << key << "'");
     if (it->second.sizes() != like.sizes())
-      MOE_THROW(CheckpointError, file << ": '" << key << "' has shape " << comm::shape_str(it->second)
-                                      << ", the model expects " << comm::shape_str(like));
+      MOE_THROW(CheckpointError, file << ": '" << key << "' has shape "
+                                      << comm::shape_str(it->second) << ", the model expects "
+                                      << comm::shape_str(like));
     return it->second;
   };
   for (auto& [name, p] : model.shared_parameters()) {
@@ -276,7 +292,8 @@ int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model, torch:
       set_adam_state(optimizer, p, adam_step, take(shared, shared_file, "adam.m." + name, p),
                      take(shared, shared_file, "adam.v." + name, p));
   }
-  for (auto b : model.named_buffers()) b.value().copy_(take(shared, shared_file, "buffer." + b.key(), b.value()));
+  for (auto b : model.named_buffers())
+    b.value().copy_(take(shared, shared_file, "buffer." + b.key(), b.value()));
 
   std::map<std::string, torch::Tensor> experts;
   std::map<std::string, std::string> origin;
@@ -298,7 +315,8 @@ int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model, torch:
         vs.push_back(take(experts, experts_desc, "adam.v." + key, p[le]));
       }
     }
-    if (static_cast<int64_t>(ms.size()) == p.size(0)) set_adam_state(optimizer, p, adam_step, torch::stack(ms), torch::stack(vs));
+    if (static_cast<int64_t>(ms.size()) == p.size(0))
+      set_adam_state(optimizer, p, adam_step, torch::stack(ms), torch::stack(vs));
   }
   if (mesh.world().rank() == 0) {
     MOE_LOG(Info) << "resumed from " << dir << " (step " << m["step"].get<int64_t>() << ")";

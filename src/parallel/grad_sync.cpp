@@ -8,7 +8,8 @@
 namespace moe {
 
 GradSync::GradSync(TransformerLM& model, comm::ProcessMesh& mesh, double bucket_mb)
-    : mesh_(mesh), bucket_bytes_(std::max<int64_t>(1 << 16, static_cast<int64_t>(bucket_mb * (1 << 20)))) {
+    : mesh_(mesh),
+      bucket_bytes_(std::max<int64_t>(1 << 16, static_cast<int64_t>(bucket_mb * (1 << 20)))) {
   for (auto& p : model.shared_parameters()) shared_.push_back(p.second);
   for (auto& p : model.expert_parameters()) expert_.push_back(p.second);
 }
@@ -52,7 +53,8 @@ double GradSync::synchronize_and_clip(double clip) {
   torch::Tensor e = torch::tensor({expert_sq}, torch::kFloat64);
   if (mesh_.ep_group().size() > 1) mesh_.ep_group().all_reduce(e, comm::ReduceOp::Sum);
   const double norm = std::sqrt(shared_sq + e.item<double>());
-  if (!std::isfinite(norm)) MOE_THROW(NumericError, "gradient norm is " << norm << ": lower train.lr or enable train.clip");
+  if (!std::isfinite(norm))
+    MOE_THROW(NumericError, "gradient norm is " << norm << ": lower train.lr or enable train.clip");
   if (clip > 0 && norm > clip) {
     const double s = clip / (norm + 1e-6);
     for (auto& p : shared_) p.grad().mul_(s);

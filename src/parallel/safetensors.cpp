@@ -15,8 +15,9 @@ namespace moe {
 namespace {
 const std::map<c10::ScalarType, std::string>& dtype_names() {
   static const std::map<c10::ScalarType, std::string> m = {
-      {torch::kFloat32, "F32"}, {torch::kFloat64, "F64"}, {torch::kBFloat16, "BF16"}, {torch::kFloat16, "F16"},
-      {torch::kInt64, "I64"},   {torch::kInt32, "I32"},   {torch::kUInt8, "U8"},      {torch::kBool, "BOOL"}};
+      {torch::kFloat32, "F32"}, {torch::kFloat64, "F64"}, {torch::kBFloat16, "BF16"},
+      {torch::kFloat16, "F16"}, {torch::kInt64, "I64"},   {torch::kInt32, "I32"},
+      {torch::kUInt8, "U8"},    {torch::kBool, "BOOL"}};
   return m;
 }
 
@@ -45,7 +46,9 @@ void write_safetensors(const std::string& path, const std::map<std::string, torc
                 "safetensors: tensor '" << name << "' has unsupported dtype " << t0.scalar_type());
     torch::Tensor t = t0.detach().to(torch::kCPU).contiguous();
     uint64_t bytes = t.numel() * t.element_size();
-    header[name] = {{"dtype", it->second}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {{"dtype", it->second},
+                    {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
     data.push_back(t);
   }
@@ -60,7 +63,8 @@ void write_safetensors(const std::string& path, const std::map<std::string, torc
   try {
     write_all(fd, reinterpret_cast<const char*>(len), 8, tmp);
     write_all(fd, h.data(), h.size(), tmp);
-    for (const auto& t : data) write_all(fd, static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size(), tmp);
+    for (const auto& t : data)
+      write_all(fd, static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size(), tmp);
   } catch (...) {
     ::close(fd);
     ::unlink(tmp.c_str());
@@ -69,17 +73,21 @@ void write_safetensors(const std::string& path, const std::map<std::string, torc
   if (::fsync(fd) != 0 || ::close(fd) != 0)
     MOE_THROW(CheckpointError, "cannot flush '" << tmp << "': " << std::strerror(errno));
   if (std::rename(tmp.c_str(), path.c_str()) != 0)
-    MOE_THROW(CheckpointError, "cannot rename '" << tmp << "' to '" << path << "': " << std::strerror(errno));
+    MOE_THROW(CheckpointError,
+              "cannot rename '" << tmp << "' to '" << path << "': " << std::strerror(errno));
 }
 
-std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
-                                                      std::map<std::string, std::string>* metadata) {
+std::map<std::string, torch::Tensor> read_safetensors(
+    const std::string& path, std::map<std::string, std::string>* metadata) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) MOE_THROW(CheckpointError, "cannot open safetensors file '" << path << "': " << std::strerror(errno));
+  if (!in)
+    MOE_THROW(CheckpointError,
+              "cannot open safetensors file '" << path << "': " << std::strerror(errno));
   in.seekg(0, std::ios::end);
   const int64_t size = in.tellg();
   in.seekg(0);
-  MOE_CHECK_T(CheckpointError, size >= 8, "'" << path << "' is " << size << " bytes: too short for a safetensors file");
+  MOE_CHECK_T(CheckpointError, size >= 8,
+              "'" << path << "' is " << size << " bytes: too short for a safetensors file");
   unsigned char len[8];
   in.read(reinterpret_cast<char*>(len), 8);
   uint64_t n = 0;
@@ -101,33 +109,40 @@ std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
     if (it.key() == "__metadata__") {
       if (metadata && it.value().is_object())
         for (auto m = it.value().begin(); m != it.value().end(); ++m)
-          (*metadata)[m.key()] = m.value().is_string() ? m.value().get<std::string>() : m.value().dump();
+          (*metadata)[m.key()] =
+              m.value().is_string() ? m.value().get<std::string>() : m.value().dump();
       continue;
     }
     const auto& v = it.value();
-    MOE_CHECK_T(CheckpointError, v.is_object() && v.contains("dtype") && v.contains("shape") && v.contains("data_offsets"),
-                "'" << path << "': entry '" << it.key() << "' lacks dtype, shape or data_offsets");
+    MOE_CHECK_T(
+        CheckpointError,
+        v.is_object() && v.contains("dtype") && v.contains("shape") && v.contains("data_offsets"),
+        "'" << path << "': entry '" << it.key() << "' lacks dtype, shape or data_offsets");
     c10::ScalarType dt = torch::kFloat32;
     bool found = false;
     for (const auto& [t, name] : dtype_names())
       if (v["dtype"] == name) dt = t, found = true;
-    MOE_CHECK_T(CheckpointError, found, "'" << path << "': entry '" << it.key() << "' has unsupported dtype " << v["dtype"]);
+    MOE_CHECK_T(
+        CheckpointError, found,
+        "'" << path << "': entry '" << it.key() << "' has unsupported dtype " << v["dtype"]);
     std::vector<int64_t> shape = v["shape"].get<std::vector<int64_t>>();
     auto off = v["data_offsets"].get<std::vector<int64_t>>();
     int64_t numel = 1;
     for (auto d : shape) {
-      MOE_CHECK_T(CheckpointError, d >= 0, "'" << path << "': entry '" << it.key() << "' has a negative dimension");
+      MOE_CHECK_T(CheckpointError, d >= 0,
+                  "'" << path << "': entry '" << it.key() << "' has a negative dimension");
       numel *= d;
     }
     MOE_CHECK_T(CheckpointError,
                 off.size() == 2 && off[0] >= 0 && off[1] >= off[0] && off[1] <= data_size &&
                     off[1] - off[0] == numel * static_cast<int64_t>(c10::elementSize(dt)),
-                "'" << path << "': entry '" << it.key() << "' has data_offsets inconsistent with its shape or the file size "
-                    << size);
+                "'" << path << "': entry '" << it.key()
+                    << "' has data_offsets inconsistent with its shape or the file size " << size);
     torch::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(dt));
     in.seekg(8 + static_cast<int64_t>(n) + off[0]);
     in.read(static_cast<char*>(t.data_ptr()), off[1] - off[0]);
-    MOE_CHECK_T(CheckpointError, in.good(), "'" << path << "': truncated while reading '" << it.key() << "'");
+    MOE_CHECK_T(CheckpointError, in.good(),
+                "'" << path << "': truncated while reading '" << it.key() << "'");
     out[it.key()] = t;
   }
   return out;

@@ -25,8 +25,9 @@ uint64_t mix_seed(uint64_t a, uint64_t b) {
 namespace {
 
 uint64_t batch_seed(uint64_t seed, int64_t step, int64_t micro, int rank) {
-  return mix_seed(mix_seed(mix_seed(seed, static_cast<uint64_t>(step)), static_cast<uint64_t>(micro)),
-                  static_cast<uint64_t>(rank));
+  return mix_seed(
+      mix_seed(mix_seed(seed, static_cast<uint64_t>(step)), static_cast<uint64_t>(micro)),
+      static_cast<uint64_t>(rank));
 }
 
 class SyntheticData : public DataSource {
@@ -56,16 +57,19 @@ class SyntheticData : public DataSource {
 
 void collect_files(const std::string& path, std::vector<std::string>* out) {
   struct stat st;
-  if (::lstat(path.c_str(), &st) != 0) MOE_THROW(DataError, "data.path '" << path << "': " << std::strerror(errno));
+  if (::lstat(path.c_str(), &st) != 0)
+    MOE_THROW(DataError, "data.path '" << path << "': " << std::strerror(errno));
   if (S_ISLNK(st.st_mode)) return;  // fortune ships *.u8 links to the same text
   if (S_ISREG(st.st_mode)) {
-    if (path.size() > 4 && path.compare(path.size() - 4, 4, ".dat") == 0) return;  // binary strfile index
+    if (path.size() > 4 && path.compare(path.size() - 4, 4, ".dat") == 0)
+      return;  // binary strfile index
     out->push_back(path);
     return;
   }
   if (!S_ISDIR(st.st_mode)) return;
   DIR* dir = ::opendir(path.c_str());
-  if (!dir) MOE_THROW(DataError, "cannot read directory '" << path << "': " << std::strerror(errno));
+  if (!dir)
+    MOE_THROW(DataError, "cannot read directory '" << path << "': " << std::strerror(errno));
   std::vector<std::string> names;
   while (dirent* e = ::readdir(dir))
     if (std::strcmp(e->d_name, ".") && std::strcmp(e->d_name, "..")) names.push_back(e->d_name);
@@ -94,13 +98,17 @@ class TextData : public DataSource {
       buf << in.rdbuf();
       all += buf.str();
     }
-    if (all.empty()) MOE_THROW(DataError, "data.path '" << path << "' is empty (" << files.size() << " files, 0 bytes)");
+    if (all.empty())
+      MOE_THROW(DataError,
+                "data.path '" << path << "' is empty (" << files.size() << " files, 0 bytes)");
     const int64_t N = static_cast<int64_t>(all.size()), S = cfg.model.seq_len;
     const int64_t lo = N * rank / world, hi = N * (rank + 1) / world;
     if (hi - lo < S + 1)
-      MOE_THROW(DataError, "data.path '" << path << "' has " << N << " bytes: rank " << rank << "'s shard of "
-                                         << hi - lo << " bytes is shorter than one sequence of model.seq_len + 1 = "
-                                         << S + 1 << " (use more text, fewer ranks or a shorter seq_len)");
+      MOE_THROW(DataError, "data.path '"
+                               << path << "' has " << N << " bytes: rank " << rank << "'s shard of "
+                               << hi - lo
+                               << " bytes is shorter than one sequence of model.seq_len + 1 = "
+                               << S + 1 << " (use more text, fewer ranks or a shorter seq_len)");
     shard_ = torch::empty({hi - lo}, torch::kUInt8);
     std::memcpy(shard_.data_ptr(), all.data() + lo, hi - lo);
     shard_ = shard_.to(torch::kInt64);
@@ -109,7 +117,8 @@ class TextData : public DataSource {
   }
   Batch batch(int64_t step, int64_t micro, int64_t B) const override {
     const int64_t S = cfg_.model.seq_len;
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(batch_seed(cfg_.train.seed, step, micro, rank_));
+    auto gen =
+        at::make_generator<at::CPUGeneratorImpl>(batch_seed(cfg_.train.seed, step, micro, rank_));
     torch::Tensor off = torch::randint(shard_.size(0) - S, {B, 1}, gen, torch::kInt64);
     torch::Tensor idx = off + torch::arange(S + 1, torch::kInt64).unsqueeze(0);
     torch::Tensor seq = shard_.index({idx});
@@ -117,8 +126,8 @@ class TextData : public DataSource {
   }
   std::string describe() const override {
     std::ostringstream os;
-    os << "bytes of " << cfg_.data.path << " (" << files_ << " files, " << total_bytes_ << " bytes; "
-       << shard_.size(0) << " in this rank's shard)";
+    os << "bytes of " << cfg_.data.path << " (" << files_ << " files, " << total_bytes_
+       << " bytes; " << shard_.size(0) << " in this rank's shard)";
     return os.str();
   }
 

@@ -69,10 +69,13 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& p : model.parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(
-                                 torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(t.weight_decay)));
-  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(
-                                    torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(0.0)));
+  groups.emplace_back(
+      decay,
+      std::make_unique<torch::optim::AdamWOptions>(
+          torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(t.weight_decay)));
+  groups.emplace_back(
+      no_decay, std::make_unique<torch::optim::AdamWOptions>(
+                    torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(0.0)));
   torch::optim::AdamW optimizer(std::move(groups));
 
   TrainResult result;
@@ -92,14 +95,16 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   const ModelCounts counts = model.counts();
   const int64_t tokens_per_step = W * t.batch * t.grad_accum * cfg.model.seq_len;
   if (lead && !opts.quiet) {
-    MOE_LOG(Info) << "model: " << cfg.model.layers << " layers (" << model.moe_layers().size() << " MoE), d_model "
-                  << cfg.model.d_model << ", " << cfg.moe.experts << " experts top-" << cfg.moe.top_k
-                  << (cfg.model.dense ? " (dense twin)" : "") << "; params total " << counts.total_params
-                  << ", active/token " << counts.active_params << ", forward FLOPs/token "
+    MOE_LOG(Info) << "model: " << cfg.model.layers << " layers (" << model.moe_layers().size()
+                  << " MoE), d_model " << cfg.model.d_model << ", " << cfg.moe.experts
+                  << " experts top-" << cfg.moe.top_k << (cfg.model.dense ? " (dense twin)" : "")
+                  << "; params total " << counts.total_params << ", active/token "
+                  << counts.active_params << ", forward FLOPs/token "
                   << static_cast<int64_t>(counts.flops_per_token);
-    MOE_LOG(Info) << "parallel: " << W << " ranks (" << world.backend_name() << "), ep " << layout.ep << " x dp "
-                  << layout.dp << "; global batch " << W * t.batch * t.grad_accum << " sequences = "
-                  << tokens_per_step << " tokens/step; data: " << data->describe();
+    MOE_LOG(Info) << "parallel: " << W << " ranks (" << world.backend_name() << "), ep "
+                  << layout.ep << " x dp " << layout.dp << "; global batch "
+                  << W * t.batch * t.grad_accum << " sequences = " << tokens_per_step
+                  << " tokens/step; data: " << data->describe();
   }
 
   const int64_t V = cfg.model.vocab;
@@ -108,15 +113,18 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   for (int64_t step = start_step; step < t.steps; ++step) {
     Stopwatch step_clock;
     const double lr = learning_rate(t, step);
-    for (auto& g : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+    for (auto& g : optimizer.param_groups())
+      static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     optimizer.zero_grad();
     double lm_sum = 0, aux_sum = 0, z_sum = 0, drop_sum = 0;
     std::vector<std::vector<int64_t>> loads;
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
       Batch b = data->batch(step, micro, t.batch);
-      uint64_t noise = mix_seed(mix_seed(static_cast<uint64_t>(t.seed), step), micro * 4096 + world.rank());
+      uint64_t noise =
+          mix_seed(mix_seed(static_cast<uint64_t>(t.seed), step), micro * 4096 + world.rank());
       LMOutput out = model.forward(b.inputs, /*training=*/true, noise);
-      torch::Tensor lm = torch::nn::functional::cross_entropy(out.logits.view({-1, V}), b.targets.view({-1}));
+      torch::Tensor lm =
+          torch::nn::functional::cross_entropy(out.logits.view({-1, V}), b.targets.view({-1}));
       torch::Tensor loss = (lm + out.aux_loss + out.z_loss) / double(t.grad_accum);
       loss.backward();
       lm_sum += lm.item<double>();
@@ -124,7 +132,8 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
       z_sum += out.z_loss.item<double>();
       for (size_t l = 0; l < out.stats.size(); ++l) {
         if (loads.size() <= l) loads.emplace_back(cfg.moe.experts, 0);
-        for (int64_t e = 0; e < cfg.moe.experts; ++e) loads[l][e] += out.stats[l].tokens_per_expert[e];
+        for (int64_t e = 0; e < cfg.moe.experts; ++e)
+          loads[l][e] += out.stats[l].tokens_per_expert[e];
         drop_sum += out.stats[l].drop_fraction / double(out.stats.size());
       }
     }
@@ -144,13 +153,15 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
       s.tokens_per_expert = world_loads[l];
       model.moe_layers()[l]->update_balance_bias(s);
     }
-    torch::Tensor scalars = torch::tensor({lm_sum, aux_sum, z_sum, drop_sum}, torch::kFloat64) / double(t.grad_accum);
+    torch::Tensor scalars =
+        torch::tensor({lm_sum, aux_sum, z_sum, drop_sum}, torch::kFloat64) / double(t.grad_accum);
     world.all_reduce(scalars, comm::ReduceOp::Avg);
     const double* sc = scalars.data_ptr<double>();
     const double loss = sc[0] + sc[1] + sc[2];
     if (!std::isfinite(loss))
-      MOE_THROW(NumericError, "loss is " << loss << " at step " << step << " (lm " << sc[0] << ", aux " << sc[1]
-                                         << ", z " << sc[2] << "): lower train.lr or raise train.warmup");
+      MOE_THROW(NumericError, "loss is " << loss << " at step " << step << " (lm " << sc[0]
+                                         << ", aux " << sc[1] << ", z " << sc[2]
+                                         << "): lower train.lr or raise train.warmup");
     result.losses.push_back(loss);
     const double secs = step_clock.seconds();
     run_tokens += double(tokens_per_step);
@@ -165,22 +176,26 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
         mean_load += sum / double(l.size()) / double(world_loads.size());
       }
       if (metrics.is_open()) {
-        nlohmann::json j = {{"step", step + 1},      {"loss", loss},       {"lm_loss", sc[0]},
-                            {"aux_loss", sc[1]},     {"z_loss", sc[2]},    {"lr", lr},
-                            {"grad_norm", grad_norm}, {"tokens_per_s", tps}, {"drop_frac", sc[3]},
-                            {"expert_load", world_loads}};
+        nlohmann::json j = {{"step", step + 1},       {"loss", loss},
+                            {"lm_loss", sc[0]},       {"aux_loss", sc[1]},
+                            {"z_loss", sc[2]},        {"lr", lr},
+                            {"grad_norm", grad_norm}, {"tokens_per_s", tps},
+                            {"drop_frac", sc[3]},     {"expert_load", world_loads}};
         metrics << j.dump() << "\n";
         metrics.flush();
       }
-      if (!opts.quiet && ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step)) {
+      if (!opts.quiet &&
+          ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step)) {
         const double done = run_clock.seconds();
         const double eta = done / double(step + 1 - start_step) * double(t.steps - step - 1);
         char line[256];
         std::snprintf(line, sizeof line,
-                      "step %lld/%lld  loss %.4f  aux %.4f  tok/s %.0f  load max/mean %.2f  dropped %.1f%%  lr %.2e  "
+                      "step %lld/%lld  loss %.4f  aux %.4f  tok/s %.0f  load max/mean %.2f  "
+                      "dropped %.1f%%  lr %.2e  "
                       "ETA %s",
-                      static_cast<long long>(step + 1), static_cast<long long>(t.steps), loss, sc[1], tps,
-                      mean_load > 0 ? max_load / mean_load : 0.0, 100 * sc[3], lr, fmt_eta(eta).c_str());
+                      static_cast<long long>(step + 1), static_cast<long long>(t.steps), loss,
+                      sc[1], tps, mean_load > 0 ? max_load / mean_load : 0.0, 100 * sc[3], lr,
+                      fmt_eta(eta).c_str());
         MOE_LOG(Info) << line;
       }
     }

@@ -38,6 +38,7 @@ class LogStream {
 }  // namespace moe
 
 // A one-pass loop rather than if/else: safe under an unbraced `if`.
-#define MOE_LOG(level)                                                                                    \
-  for (bool moe_log_on_ = ::moe::LogLevel::level >= ::moe::log_level(); moe_log_on_; moe_log_on_ = false) \
+#define MOE_LOG(level)                                                               \
+  for (bool moe_log_on_ = ::moe::LogLevel::level >= ::moe::log_level(); moe_log_on_; \
+       moe_log_on_ = false)                                                          \
   ::moe::LogStream(::moe::LogLevel::level)

@@ -37,7 +37,8 @@ void moe::parallel_ranges(int64_t n, int64_t grain, const Fn& fn) {
     return;
   }
   std::vector<std::thread> workers;
-  for (int64_t p = 1; p < parts; ++p) workers.emplace_back([&, p] { fn(n * p / parts, n * (p + 1) / parts); });
+  for (int64_t p = 1; p < parts; ++p)
+    workers.emplace_back([&, p] { fn(n * p / parts, n * (p + 1) / parts); });
   fn(int64_t{0}, n / parts);
   for (auto& w : workers) w.join();
 }

@@ -25,14 +25,14 @@
 namespace moe {
 
 struct ModelCounts {
-  int64_t total_params = 0;   // whole model, all experts (global)
-  int64_t active_params = 0;  // used per token (top_k experts + shared)
-  int64_t expert_params = 0;  // global expert parameters
+  int64_t total_params = 0;    // whole model, all experts (global)
+  int64_t active_params = 0;   // used per token (top_k experts + shared)
+  int64_t expert_params = 0;   // global expert parameters
   double flops_per_token = 0;  // forward, matrix products + attention scores
 };
 
 struct LMOutput {
-  torch::Tensor logits;  // [B, S, V]
+  torch::Tensor logits;            // [B, S, V]
   torch::Tensor aux_loss, z_loss;  // summed over MoE layers
   std::vector<LayerStats> stats;   // one per MoE layer
 };

@@ -24,12 +24,13 @@ struct PhaseTimes {
 
 // send[r] = x[plan.row_token[r]] (zero for padding rows). Backward:
 // grad_x[t] = sum over t's kept slots j (in order) of grad_send[row(t, j)].
-torch::Tensor permute_tokens(const torch::Tensor& x, const DispatchPlan& plan, PhaseTimes* times = nullptr);
+torch::Tensor permute_tokens(const torch::Tensor& x, const DispatchPlan& plan,
+                             PhaseTimes* times = nullptr);
 
 // y[t] = sum over t's kept slots j (in order) of gate[t, j] * back[row(t, j)].
 // Differentiable in `back` and `gate`.
-torch::Tensor unpermute_tokens(const torch::Tensor& back, const torch::Tensor& gate, const DispatchPlan& plan,
-                               PhaseTimes* times = nullptr);
+torch::Tensor unpermute_tokens(const torch::Tensor& back, const torch::Tensor& gate,
+                               const DispatchPlan& plan, PhaseTimes* times = nullptr);
 
 // Differentiable all_to_all_v: backward sends the gradients back with the
 // counts swapped. `phase` says where its time is booked.
@@ -47,7 +48,7 @@ struct ExpertSegment {
 // w1, w3: [E_local, D, H]; w2: [E_local, H, D] (w3 unused for gelu). Rows of
 // x outside every segment give zero output and receive zero gradient.
 torch::Tensor expert_mlp(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& w3,
-                         const torch::Tensor& w2, const std::vector<ExpertSegment>& segments, bool swiglu,
-                         PhaseTimes* times = nullptr);
+                         const torch::Tensor& w2, const std::vector<ExpertSegment>& segments,
+                         bool swiglu, PhaseTimes* times = nullptr);
 
 }  // namespace moe

@@ -59,14 +59,15 @@ class MoELayer : public torch::nn::Module {
   int64_t experts_per_rank() const { return experts_local_; }
   int64_t first_expert() const { return first_expert_; }
   // Replaces the local experts' weights with rows of full [E, ...] tensors.
-  void load_global_experts(const torch::Tensor& w1, const torch::Tensor& w3, const torch::Tensor& w2);
+  void load_global_experts(const torch::Tensor& w1, const torch::Tensor& w3,
+                           const torch::Tensor& w2);
   // Aux-loss-free balancing: updates the router bias from the last global loads.
   void update_balance_bias(const LayerStats& stats);
 
   std::shared_ptr<Router> router;
-  torch::Tensor w1, w3, w2;           // local experts
+  torch::Tensor w1, w3, w2;                       // local experts
   torch::Tensor shared_w1, shared_w3, shared_w2;  // [1, D, S*H] ... (when shared_experts > 0)
-  PhaseTimes times;                   // accumulated; reset by the caller
+  PhaseTimes times;                               // accumulated; reset by the caller
 
  private:
   MoeConfig cfg_;

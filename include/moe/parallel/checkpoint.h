@@ -23,15 +23,15 @@ namespace moe {
 class TransformerLM;
 
 // Collective over mesh.world().
-void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& model, torch::optim::AdamW& optimizer,
-                     comm::ProcessMesh& mesh, const Config& cfg);
+void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& model,
+                     torch::optim::AdamW& optimizer, comm::ProcessMesh& mesh, const Config& cfg);
 
 // Loads the newest valid checkpoint under run_dir/checkpoints (corrupt ones
 // are skipped with a warning); returns its step. Throws CheckpointError
 // naming the file and the mismatch when none is valid or shapes/expert
 // counts disagree with the model.
-int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model, torch::optim::AdamW& optimizer,
-                        comm::ProcessMesh& mesh, const Config& cfg);
+int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model,
+                        torch::optim::AdamW& optimizer, comm::ProcessMesh& mesh, const Config& cfg);
 
 // The newest valid checkpoint directory ("" if none); `problems` collects
 // why others were rejected.

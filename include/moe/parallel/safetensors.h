@@ -17,7 +17,7 @@ void write_safetensors(const std::string& path, const std::map<std::string, torc
 
 // Reads every tensor of `path`. Throws CheckpointError naming the file and
 // what is wrong (truncated, bad header, unknown dtype, overlapping data ...).
-std::map<std::string, torch::Tensor> read_safetensors(const std::string& path,
-                                                      std::map<std::string, std::string>* metadata = nullptr);
+std::map<std::string, torch::Tensor> read_safetensors(
+    const std::string& path, std::map<std::string, std::string>* metadata = nullptr);
 
 }  // namespace moe
