@@ -359,6 +359,34 @@ TEST(TrainCli, BenchLayerJsonAndDump) {
       torch::allclose(y0, t["output"][0], 1e-4, 1e-5));  // token 0 is first in line: never dropped
 }
 
+TEST(TrainCli, PruneDropsTheLeastImportantExpertsAndResumes) {
+  std::string dir = fresh_dir("prune_src"), pruned = fresh_dir("pruned"), out;
+  std::string tiny = std::string(MOE_SOURCE_DIR) + "/configs/tiny.yaml";
+  ASSERT_EQ(run_moe("train " + tiny + " train.steps=6 --out " + dir, &out), 0) << out;
+  // Threshold 1.0 (the mean importance): some expert of every layer is below it
+  // unless routing is exactly uniform.
+  ASSERT_EQ(
+      run_moe("ckpt prune " + dir + " " + pruned + " --config " + tiny + " --threshold 1.0", &out),
+      0)
+      << out;
+  EXPECT_NE(out.find("layer 0: removed "), std::string::npos) << out;
+  auto hint = out.find("moe.experts=");
+  ASSERT_NE(hint, std::string::npos) << out;
+  const int keep = std::stoi(out.substr(hint + 12));
+  EXPECT_GE(keep, 2);  // top_k
+  EXPECT_LT(keep, 4) << out;
+  auto t = checkpoint_tensors(pruned);
+  EXPECT_EQ(t["param.layers.0.moe.router.weight"].size(0), keep);
+  EXPECT_TRUE(t.count("param.layers.1.moe.experts." + std::to_string(keep - 1) + ".w2"));
+  EXPECT_FALSE(t.count("param.layers.1.moe.experts." + std::to_string(keep) + ".w2"));
+  EXPECT_EQ(run_moe("train " + tiny + " train.steps=8 moe.experts=" + std::to_string(keep) +
+                        " --resume " + pruned,
+                    &out),
+            0)
+      << out;
+  EXPECT_EQ(run_moe("ckpt prune " + dir + " " + pruned + "_x"), 2);  // --config is required
+}
+
 TEST(TrainSchedule, WarmupThenCosineToFloor) {
   TrainConfig t;
   t.lr = 1.0;

@@ -5,15 +5,20 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iomanip>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 
 #include "moe/apps/commands.h"
+#include "moe/comm/mesh.h"
+#include "moe/comm/thread_comm.h"
 #include "moe/core/error.h"
+#include "moe/model/transformer.h"
 #include "moe/parallel/checkpoint.h"
 #include "moe/parallel/safetensors.h"
+#include "moe/train/data.h"
 
 namespace moe::apps {
 
@@ -327,6 +332,110 @@ int ckpt_upcycle(const std::string& dense_dir, const std::string& out_dir, int64
   return kExitOk;
 }
 
+// Expert pruning: importance of expert e in a layer = its routed load times its
+// mean gate weight over a data sample (= its share of the layer's gate mass),
+// relative to the layer's mean (1.0 = average). Experts under `threshold` are
+// dropped. The model needs the same expert count in every MoE layer, so each
+// layer keeps its K most important experts, K = the most any layer keeps
+// (at least top_k); experts kept only for that reason are reported.
+int ckpt_prune(const std::string& run_dir, const std::string& out_dir,
+               const std::string& config_path, double threshold, int64_t batches) {
+  if (config_path.empty())
+    MOE_THROW(UsageError, "moe ckpt prune RUN_DIR OUT_DIR --config CONFIG: CONFIG is required");
+  Config cfg = load_config(config_path, {"parallel.backend=thread", "parallel.ranks=0",
+                                         "parallel.ep=0", "parallel.dp=0"});
+  const int64_t E = cfg.moe.experts;
+  std::vector<std::vector<double>> mass;  // [moe layer][expert]
+  int64_t step = 0;
+  comm::run_ranks(1, cfg.parallel.timeout_s, [&](comm::Communicator& world) {
+    comm::ProcessMesh mesh(world, 1, 1);
+    TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(cfg.train.seed));
+    torch::optim::AdamW unused(model.parameters(), torch::optim::AdamWOptions(1e-3));
+    step = load_checkpoint(run_dir, model, unused, mesh, cfg);
+    auto data = make_data_source(cfg, 0, 1);
+    torch::NoGradGuard ng;
+    for (int64_t b = 0; b < batches; ++b) {
+      LMOutput o =
+          model.forward(data->batch(step + b, 0, cfg.train.batch).inputs, /*training=*/false);
+      mass.resize(o.stats.size(), std::vector<double>(E, 0.0));
+      for (size_t l = 0; l < o.stats.size(); ++l)
+        for (int64_t e = 0; e < E; ++e) mass[l][e] += o.stats[l].gate_per_expert[e];
+    }
+  });
+  if (mass.empty())
+    MOE_THROW(CheckpointError,
+              "the model of " << config_path << " has no MoE layers: nothing to prune");
+  // Block index of each MoE layer.
+  std::vector<int64_t> blocks;
+  for (int64_t i = 0; i < cfg.model.layers; ++i)
+    if (!cfg.model.dense && (i + 1) % cfg.model.moe_every == 0) blocks.push_back(i);
+  std::vector<std::vector<double>> rel(mass.size(), std::vector<double>(E));
+  int64_t keep = cfg.moe.top_k;
+  for (size_t l = 0; l < mass.size(); ++l) {
+    double total = 0;
+    for (double v : mass[l]) total += v;
+    int64_t above = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      rel[l][e] = total > 0 ? mass[l][e] * E / total : 1.0;
+      above += rel[l][e] >= threshold;
+    }
+    keep = std::max(keep, above);
+  }
+  const std::string ckpt = resolve_checkpoint_dir(run_dir);
+  nlohmann::json m = read_manifest(ckpt);
+  auto tensors = read_checkpoint(ckpt, m);
+  std::map<std::string, torch::Tensor> out = tensors;
+  std::cout << std::fixed << std::setprecision(3) << "expert importance (share of gate mass x " << E
+            << "; 1.0 = average) over " << batches << " micro-batches, threshold " << threshold
+            << ", keeping " << keep << " of " << E << " experts per layer\n";
+  for (size_t l = 0; l < mass.size(); ++l) {
+    std::vector<int64_t> order(E);
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return rel[l][a] > rel[l][b]; });
+    std::vector<int64_t> kept(order.begin(), order.begin() + keep);
+    std::sort(kept.begin(), kept.end());
+    const std::string pre = "layers." + std::to_string(blocks[l]) + ".moe.";
+    std::cout << "  layer " << blocks[l] << ": removed";
+    int64_t removed = 0;
+    for (int64_t e : order)
+      if (std::find(kept.begin(), kept.end(), e) == kept.end()) {
+        std::cout << " " << e << " (" << rel[l][e] << ")";
+        ++removed;
+      }
+    if (removed == 0) std::cout << " none";
+    std::cout << "; kept below threshold:";
+    int64_t under = 0;
+    for (int64_t e : kept) {
+      if (rel[l][e] >= threshold) continue;
+      std::cout << " " << e << " (" << rel[l][e] << ")";
+      ++under;
+    }
+    if (under == 0) std::cout << " none";
+    std::cout << "\n";
+    torch::Tensor index = torch::tensor(kept, torch::kInt64);
+    out["param." + pre + "router.weight"] =
+        tensors.at("param." + pre + "router.weight").index_select(0, index);
+    out["buffer." + pre + "router.balance_bias"] =
+        tensors.at("buffer." + pre + "router.balance_bias").index_select(0, index);
+    for (int64_t e = 0; e < E; ++e)
+      for (const char* w : {"w1", "w2", "w3"})
+        out.erase("param." + pre + "experts." + std::to_string(e) + "." + w);
+    for (size_t i = 0; i < kept.size(); ++i)
+      for (const char* w : {"w1", "w2", "w3"}) {
+        auto it = tensors.find("param." + pre + "experts." + std::to_string(kept[i]) + "." + w);
+        if (it != tensors.end())
+          out["param." + pre + "experts." + std::to_string(i) + "." + w] = it->second;
+      }
+  }
+  int64_t n_experts = 0;
+  size_t n_layers = 0;
+  std::string dir = write_plain_checkpoint(out, out_dir, step, &n_experts, &n_layers);
+  std::cout << "wrote " << dir << "; continue with: moe train " << config_path
+            << " moe.experts=" << keep << " --resume " << out_dir << "\n";
+  return kExitOk;
+}
+
 }  // namespace
 
 int run_ckpt(const CkptArgs& args) {
@@ -339,6 +448,8 @@ int run_ckpt(const CkptArgs& args) {
   if (args.action == "export") return ckpt_export(path(0), args.safetensors);
   if (args.action == "import") return ckpt_import(args.safetensors, path(0));
   if (args.action == "upcycle") return ckpt_upcycle(path(0), path(1), args.experts, args.seed);
+  if (args.action == "prune")
+    return ckpt_prune(path(0), path(1), args.config_path, args.threshold, args.batches);
   return not_implemented("ckpt " + args.action);
 }
 

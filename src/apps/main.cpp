@@ -102,6 +102,17 @@ int main(int argc, char** argv) {
   ckpt_cmd->add_option("--experts", ckpt.experts, "upcycle: experts per MoE layer")
       ->check(CLI::Range(1, 65536));
   ckpt_cmd->add_option("--seed", ckpt.seed, "upcycle: seed of the fresh routers");
+  ckpt_cmd->add_option("--config", ckpt.config_path,
+                       "prune: the config the checkpoint was trained with");
+  ckpt_cmd
+      ->add_option(
+          "--threshold", ckpt.threshold,
+          "prune: drop experts whose importance is below this fraction of the layer's mean")
+      ->check(CLI::Range(0.0, 1e6));
+  ckpt_cmd
+      ->add_option("--batches", ckpt.batches,
+                   "prune: micro-batches of data to measure importance on")
+      ->check(CLI::Range(1, 100000));
 
   try {
     app.parse(argc, argv);

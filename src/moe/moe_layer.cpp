@@ -97,8 +97,8 @@ MoEOutput MoELayer::forward(const torch::Tensor& x, bool training, uint64_t nois
   torch::Tensor probs =
       cfg_.score_fn == "softmax" ? ro.scores : ro.scores / ro.scores.sum(-1, true);
   torch::Tensor p_local = probs.mean(0);  // [E], differentiable
-  // One reduction carries everything global: [routed(E), dropped, tokens, prob sums(E), entropy
-  // sum].
+  // One reduction carries everything global:
+  // [routed(E), dropped, tokens, prob sums(E), entropy sum, gate sums(E)].
   torch::Tensor global;
   {
     torch::NoGradGuard ng;
@@ -106,7 +106,10 @@ MoEOutput MoELayer::forward(const torch::Tensor& x, bool training, uint64_t nois
     torch::Tensor entropy = -(pd * pd.clamp_min(1e-30).log()).sum();
     global = torch::cat({torch::tensor(plan.routed, torch::kInt64).to(torch::kFloat64),
                          torch::tensor({double(plan.dropped), double(T)}, torch::kFloat64),
-                         pd.sum(0), entropy.view({1})});
+                         pd.sum(0), entropy.view({1}),
+                         torch::zeros({E}, torch::kFloat64)
+                             .index_add_(0, ro.expert_idx.reshape({-1}),
+                                         ro.gate.detach().reshape({-1}).to(torch::kFloat64))});
     if (ep > 1) ep_->all_reduce(global, comm::ReduceOp::Sum);
   }
   const double* g = global.data_ptr<double>();
@@ -128,6 +131,8 @@ MoEOutput MoELayer::forward(const torch::Tensor& x, bool training, uint64_t nois
   double mx = 0, sum = 0;
   for (auto c : st.tokens_per_expert) mx = std::max(mx, double(c)), sum += double(c);
   st.max_load = mx;
+  MOE_CHECK(global.numel() == 3 * E + 3, "global statistics hold " << global.numel() << " values");
+  st.gate_per_expert.assign(g + 2 * E + 3, g + 3 * E + 3);
   st.mean_load = sum / E;
   {
     torch::Tensor pg = global.narrow(0, E + 2, E) / std::max(tokens_g, 1.0);

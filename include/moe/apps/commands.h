@@ -44,8 +44,11 @@ struct CkptArgs {
   std::string action;  // info | export | import | upcycle | prune
   std::vector<std::string> paths;
   std::string safetensors;
-  int64_t experts = 0;  // upcycle: experts per MoE layer
-  int64_t seed = 1234;  // upcycle: router initialisation
+  int64_t experts = 0;      // upcycle: experts per MoE layer
+  int64_t seed = 1234;      // upcycle: router initialisation
+  std::string config_path;  // prune: the run's config
+  double threshold = 0.5;   // prune: relative importance below which experts go
+  int64_t batches = 8;      // prune: data sample size in micro-batches
 };
 int run_ckpt(const CkptArgs& args);
 

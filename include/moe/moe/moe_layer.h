@@ -34,6 +34,7 @@ namespace moe {
 
 struct LayerStats {
   std::vector<int64_t> tokens_per_expert;  // global: slots routed to each expert (before drops)
+  std::vector<double> gate_per_expert;     // global: sum of the gate weights of those slots
   int64_t tokens = 0;                      // global tokens
   int64_t capacity = 0;                    // this rank's C (0 = dropless)
   double drop_fraction = 0;                // global dropped slots / (tokens * k)
