@@ -10,6 +10,7 @@
 #include "moe/apps/common.h"
 #include "moe/comm/launch.h"
 #include "moe/core/error.h"
+#include "moe/core/filesystem.h"
 #include "moe/core/log.h"
 #include "moe/core/timer.h"
 #include "moe/moe/moe_layer.h"
@@ -106,7 +107,8 @@ void report_comm(const std::vector<CommRow>& rows, int world, const std::string&
   nlohmann::json doc = {
       {"benchmark", "comm"}, {"backend", backend}, {"world", world}, {"results", results}};
   if (!dump_dir.empty()) {
-    ::mkdir(dump_dir.c_str(), 0755);
+    std::string error = make_directories(dump_dir);
+    if (!error.empty()) MOE_THROW(UsageError, "--dump: " << error);
     nlohmann::json raw = doc;
     for (size_t i = 0; i < rows.size(); ++i) {
       raw["results"][i]["moe_rep_s"] = rows[i].moe_reps;
@@ -257,7 +259,8 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
           {"rank", std::to_string(c.rank())},
           {"world", std::to_string(ep)},
           {"loss", "sum(output * grad_output) + aux_loss + z_loss"}};
-      ::mkdir(dump_dir.c_str(), 0755);
+      std::string error = make_directories(dump_dir);
+      if (!error.empty()) MOE_THROW(UsageError, "--dump: " << error);
       write_safetensors(dump_dir + "/layer_rank" + std::to_string(c.rank()) + ".safetensors", t,
                         meta);
     }

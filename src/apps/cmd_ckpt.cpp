@@ -15,6 +15,7 @@
 #include "moe/comm/mesh.h"
 #include "moe/comm/thread_comm.h"
 #include "moe/core/error.h"
+#include "moe/core/filesystem.h"
 #include "moe/model/transformer.h"
 #include "moe/parallel/checkpoint.h"
 #include "moe/parallel/safetensors.h"
@@ -243,8 +244,8 @@ std::string write_plain_checkpoint(const std::map<std::string, torch::Tensor>& o
   char name[32];
   std::snprintf(name, sizeof name, "step_%08lld", static_cast<long long>(step));
   const std::string dir = run_dir + "/checkpoints/" + name;
-  if (std::system(("mkdir -p '" + dir + "'").c_str()) != 0)
-    MOE_THROW(CheckpointError, "cannot create '" << dir << "'");
+  std::string error = make_directories(dir);
+  if (!error.empty()) MOE_THROW(CheckpointError, error);
   write_safetensors(dir + "/shared.safetensors", shared,
                     {{"step", std::to_string(step)}, {"adam_step", "0"}});
   nlohmann::json files = nlohmann::json::object();

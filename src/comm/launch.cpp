@@ -18,19 +18,17 @@
 
 namespace moe::comm {
 
-namespace {
-bool under_mpirun() {
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+bool launched_by_mpirun() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"})
     if (std::getenv(var)) return true;
   return false;
 }
-}  // namespace
 
 std::string resolve_backend(const std::string& requested) {
-  if (requested == "auto") return under_mpirun() && MOE_HAVE_MPI ? "mpi" : "thread";
+  if (requested == "auto") return launched_by_mpirun() && MOE_HAVE_MPI ? "mpi" : "thread";
   if (requested == "thread") {
     // Each mpirun process would otherwise run its own private thread world.
-    MOE_CHECK_T(ConfigError, !under_mpirun(),
+    MOE_CHECK_T(ConfigError, !launched_by_mpirun(),
                 "parallel.backend = 'thread' but this process was started by mpirun: use "
                 "parallel.backend=auto "
                 "(or mpi) so the processes form one world");
@@ -65,7 +63,7 @@ void finalize_backends() {
 
 void abort_backends(int code) {
 #if MOE_HAVE_MPI
-  if (under_mpirun()) {
+  if (launched_by_mpirun()) {
     int initialised = 0;
     MPI_Initialized(&initialised);
     if (initialised) MpiComm::abort_job(code);

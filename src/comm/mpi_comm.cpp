@@ -9,6 +9,7 @@
 #include <sstream>
 #include <thread>
 
+#include "moe/comm/launch.h"
 #include "moe/core/error.h"
 #include "moe/core/log.h"
 
@@ -77,9 +78,7 @@ constexpr int kTagSpace = 1 << 20;  // tags cycle through this many collectives
 static_assert(sizeof(MPI_Comm) <= sizeof(void*), "MPI_Comm must fit in a pointer");
 
 bool MpiComm::launched_by_mpirun() {
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"})
-    if (std::getenv(var)) return true;
-  return false;
+  return comm::launched_by_mpirun();
 }
 
 std::unique_ptr<MpiComm> MpiComm::world(double timeout_s) {

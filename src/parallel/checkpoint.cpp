@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moe/core/error.h"
+#include "moe/core/filesystem.h"
 #include "moe/core/log.h"
 #include "moe/model/transformer.h"
 #include "moe/parallel/safetensors.h"
@@ -25,15 +26,8 @@ namespace {
 std::atomic<int> g_crash_countdown{0};
 
 void mkdir_p(const std::string& path) {
-  std::string cur;
-  for (size_t i = 0; i <= path.size(); ++i) {
-    if (i == path.size() || path[i] == '/') {
-      if (!cur.empty() && ::mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST)
-        MOE_THROW(CheckpointError,
-                  "cannot create directory '" << cur << "': " << std::strerror(errno));
-    }
-    if (i < path.size()) cur += path[i];
-  }
+  std::string error = make_directories(path);
+  if (!error.empty()) MOE_THROW(CheckpointError, error);
 }
 
 void remove_tree(const std::string& path) {

@@ -11,6 +11,7 @@
 
 #include "moe/comm/mesh.h"
 #include "moe/core/error.h"
+#include "moe/core/filesystem.h"
 #include "moe/core/log.h"
 #include "moe/core/timer.h"
 #include "moe/model/transformer.h"
@@ -31,19 +32,6 @@ double learning_rate(const TrainConfig& t, int64_t step) {
 }
 
 namespace {
-
-void make_dirs(const std::string& path) {
-  std::string cur;
-  std::stringstream ss(path);
-  std::string part;
-  if (!path.empty() && path[0] == '/') cur = "/";
-  while (std::getline(ss, part, '/')) {
-    if (part.empty()) continue;
-    cur += part + "/";
-    if (::mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST)
-      MOE_THROW(DataError, "cannot create directory '" << cur << "': " << std::strerror(errno));
-  }
-}
 
 std::string fmt_eta(double s) {
   char buf[32];
@@ -87,7 +75,8 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
 
   std::ofstream metrics;
   if (lead && !opts.out_dir.empty()) {
-    make_dirs(opts.out_dir);
+    std::string error = make_directories(opts.out_dir);
+    if (!error.empty()) MOE_THROW(DataError, error);
     std::ofstream(opts.out_dir + "/config.yaml") << dump_config(cfg);
     metrics.open(opts.out_dir + "/metrics.jsonl", start_step > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics) MOE_THROW(DataError, "cannot write '" << opts.out_dir << "/metrics.jsonl'");

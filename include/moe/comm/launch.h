@@ -7,6 +7,10 @@
 
 namespace moe::comm {
 
+// True when this process was started by mpirun/mpiexec (from the
+// environment, without initialising MPI).
+bool launched_by_mpirun();
+
 // "auto" -> "mpi" when started by mpirun (and MPI is built), else "thread".
 // Throws ConfigError for a backend this build lacks.
 std::string resolve_backend(const std::string& requested);
