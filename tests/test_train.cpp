@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <nlohmann/json.hpp>
 
 #include "moe/comm/thread_comm.h"
 #include "moe/core/error.h"
@@ -385,6 +386,34 @@ TEST(TrainCli, PruneDropsTheLeastImportantExpertsAndResumes) {
             0)
       << out;
   EXPECT_EQ(run_moe("ckpt prune " + dir + " " + pruned + "_x"), 2);  // --config is required
+}
+
+TEST(TrainMetrics, StepTimeBreakdownPerPhase) {
+  std::string dir = fresh_dir("metrics");
+  TrainOptions o;
+  o.quiet = true;
+  o.out_dir = dir;
+  run(2, small_config(2, 2, 3), o);
+  std::ifstream in(dir + "/metrics.jsonl");
+  std::string line, last;
+  int lines = 0;
+  while (std::getline(in, line)) last = line, ++lines;
+  ASSERT_EQ(lines, 3);
+  auto j = nlohmann::json::parse(last);
+  for (const char* key :
+       {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
+        "drop_frac", "expert_load", "step_ms", "phase_ms", "phase_ms_max"})
+    EXPECT_TRUE(j.contains(key)) << key;
+  EXPECT_EQ(j["expert_load"].size(), 2u);     // two MoE layers
+  EXPECT_EQ(j["expert_load"][0].size(), 4u);  // four experts each
+  for (const char* phase : {"router", "permute", "dispatch", "experts", "combine", "unpermute",
+                            "attention_dense", "grad_sync", "optimizer"}) {
+    ASSERT_TRUE(j["phase_ms"].contains(phase)) << phase;
+    EXPECT_GE(j["phase_ms"][phase].get<double>(), 0.0) << phase;
+    EXPECT_GE(j["phase_ms_max"][phase].get<double>(), j["phase_ms"][phase].get<double>()) << phase;
+  }
+  EXPECT_GT(j["phase_ms"]["experts"].get<double>(), 0.0);
+  EXPECT_GT(j["phase_ms"]["dispatch"].get<double>(), 0.0);  // EP 2: a real exchange
 }
 
 TEST(TrainSchedule, WarmupThenCosineToFloor) {

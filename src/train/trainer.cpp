@@ -33,6 +33,11 @@ double learning_rate(const TrainConfig& t, int64_t step) {
 
 namespace {
 
+// Names of the step-time breakdown in metrics.jsonl: PhaseTimes' MoE phases, then the rest.
+const std::vector<std::string> kStepPhases = {"router",          "permute",   "dispatch",
+                                              "experts",         "combine",   "unpermute",
+                                              "attention_dense", "grad_sync", "optimizer"};
+
 std::string fmt_eta(double s) {
   char buf[32];
   int m = static_cast<int>(s) / 60, sec = static_cast<int>(s) % 60;
@@ -107,6 +112,8 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     optimizer.zero_grad();
     double lm_sum = 0, aux_sum = 0, z_sum = 0, drop_sum = 0;
     std::vector<std::vector<int64_t>> loads;
+    for (auto& layer : model.moe_layers()) layer->times.reset();
+    Stopwatch phase_clock;
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
       Batch b = data->batch(step, micro, t.batch);
       uint64_t noise =
@@ -126,8 +133,27 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
         drop_sum += out.stats[l].drop_fraction / double(out.stats.size());
       }
     }
+    const double forward_backward_s = phase_clock.seconds();
+    phase_clock.reset();
     const double grad_norm = sync.synchronize_and_clip(t.clip);
+    const double grad_sync_s = phase_clock.seconds();
+    phase_clock.reset();
     optimizer.step();
+    const double optimizer_s = phase_clock.seconds();
+    // Step-time breakdown (ms): the MoE phases summed over layers (forward +
+    // backward), the rest of forward+backward (attention, dense blocks,
+    // embeddings, loss), gradient sync and the optimizer; this rank's and the
+    // slowest rank's.
+    std::vector<double> phase_ms(kStepPhases.size(), 0.0);
+    for (auto& layer : model.moe_layers())
+      for (int p = 0; p < PhaseTimes::Count; ++p) phase_ms[p] += layer->times.total(p) * 1e3;
+    double moe_ms = 0;
+    for (int p = 0; p < PhaseTimes::Count; ++p) moe_ms += phase_ms[p];
+    phase_ms[PhaseTimes::Count] = std::max(0.0, forward_backward_s * 1e3 - moe_ms);
+    phase_ms[PhaseTimes::Count + 1] = grad_sync_s * 1e3;
+    phase_ms[PhaseTimes::Count + 2] = optimizer_s * 1e3;
+    torch::Tensor phase_max = torch::tensor(phase_ms, torch::kFloat64);
+    world.all_reduce(phase_max, comm::ReduceOp::Max);
 
     // Loads are EP-group-global; summing over the expert-DP group makes them world-global,
     // identical on every rank (so every replica of the router bias moves the same way).
@@ -170,6 +196,14 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
                             {"z_loss", sc[2]},        {"lr", lr},
                             {"grad_norm", grad_norm}, {"tokens_per_s", tps},
                             {"drop_frac", sc[3]},     {"expert_load", world_loads}};
+        nlohmann::json mine = nlohmann::json::object(), slowest = nlohmann::json::object();
+        for (size_t p = 0; p < kStepPhases.size(); ++p) {
+          mine[kStepPhases[p]] = phase_ms[p];
+          slowest[kStepPhases[p]] = phase_max.data_ptr<double>()[p];
+        }
+        j["step_ms"] = secs * 1e3;
+        j["phase_ms"] = mine;
+        j["phase_ms_max"] = slowest;
         metrics << j.dump() << "\n";
         metrics.flush();
       }
