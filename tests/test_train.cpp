@@ -416,6 +416,67 @@ TEST(TrainMetrics, StepTimeBreakdownPerPhase) {
   EXPECT_GT(j["phase_ms"]["dispatch"].get<double>(), 0.0);  // EP 2: a real exchange
 }
 
+namespace {
+std::string write_sweep(const std::string& name, const std::string& body) {
+  std::string path = fresh_dir(name) + ".yaml";
+  std::ofstream(path) << "base: " << MOE_SOURCE_DIR << "/configs/tiny.yaml\n" << body;
+  return path;
+}
+}  // namespace
+
+TEST(Sweep, TwoPointsEndToEndThenResumeSkipsThem) {
+  std::string sweep = write_sweep("sweep2",
+                                  "ranks: 2\nsteps: 3\noverrides: [train.log_every=1000]\n"
+                                  "grid:\n  moe.capacity_factor: [0, 1.0]\n");
+  std::string out_dir = fresh_dir("sweep_out"), out;
+  ASSERT_EQ(run_moe("sweep " + sweep + " --out " + out_dir, &out), 0) << out;
+  EXPECT_NE(out.find("2 ran, 0 skipped"), std::string::npos) << out;
+  std::ifstream csv(out_dir + "/results.csv");
+  std::string header, row1, row2, extra;
+  std::getline(csv, header);
+  std::getline(csv, row1);
+  std::getline(csv, row2);
+  EXPECT_FALSE(std::getline(csv, extra));
+  EXPECT_NE(header.find("moe.capacity_factor"), std::string::npos) << header;
+  EXPECT_NE(header.find("tokens_per_s"), std::string::npos) << header;
+  EXPECT_NE(row1.find(",ok,2,0,"), std::string::npos) << row1;
+  EXPECT_NE(row2.find(",ok,2,1.0,"), std::string::npos) << row2;
+  ASSERT_EQ(run_moe("sweep " + sweep + " --out " + out_dir, &out), 0) << out;
+  EXPECT_NE(out.find("0 ran, 2 skipped"), std::string::npos) << out;
+}
+
+TEST(Sweep, FailedPointIsRecordedAndTheSweepGoesOn) {
+  // The text corpus is missing for one point only: that point fails, the other runs.
+  std::string sweep =
+      write_sweep("sweepfail",
+                  "steps: 2\ngrid:\n  data.path: [/nonexistent/corpus, "
+                  "/usr/share/games/fortunes]\noverrides: [data.kind=text, model.vocab=256]\n");
+  std::string out_dir = fresh_dir("sweepfail_out"), out;
+  EXPECT_EQ(run_moe("sweep " + sweep + " --out " + out_dir, &out), 1) << out;
+  EXPECT_NE(out.find("1 ran, 0 skipped (done earlier), 1 failed"), std::string::npos) << out;
+  EXPECT_NE(out.find("DataError"), std::string::npos) << out;
+}
+
+TEST(Sweep, BadSweepFilesAreConfigErrorsNamingTheKey) {
+  struct Case {
+    std::string body, needle;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"grid:\n  moe.top_k: [1]\nlauncher: slurm\n", "'launcher' = 'slurm'"},
+           {"grid: {}\n", "'grid' must be a non-empty mapping"},
+           {"grid:\n  moe.top_k: []\n", "grid key 'moe.top_k'"},
+           {"gird:\n  moe.top_k: [1]\n", "did you mean 'grid'"},
+           {"grid:\n  moe.nosuch: [1]\n", "moe.nosuch"},
+           {"grid:\n  moe.top_k: [99]\n", "moe.top_k = 99"},
+       }) {
+    std::string out;
+    EXPECT_EQ(
+        run_moe("sweep " + write_sweep("bad", c.body) + " --out " + fresh_dir("bad_out"), &out), 2)
+        << c.body;
+    EXPECT_NE(out.find(c.needle), std::string::npos) << c.body << " -> " << out;
+  }
+}
+
 TEST(TrainSchedule, WarmupThenCosineToFloor) {
   TrainConfig t;
   t.lr = 1.0;

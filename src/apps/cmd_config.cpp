@@ -47,8 +47,4 @@ int run_config(const ConfigArgs& args) {
   return kExitOk;
 }
 
-int run_sweep(const SweepArgs&) {
-  return not_implemented("sweep");
-}
-
 }  // namespace moe::apps
