@@ -48,13 +48,6 @@ std::string resolve_backend(const std::string& requested) {
             "parallel.backend = '" << requested << "' is not one of auto, thread, mpi, nccl");
 }
 
-int launcher_world_size(const std::string& backend, int thread_ranks) {
-  if (backend == "thread") return thread_ranks;
-  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
-    if (const char* v = std::getenv(var)) return std::atoi(v);
-  return 1;
-}
-
 void finalize_backends() {
 #if MOE_HAVE_MPI
   MpiComm::finalize();

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "moe/core/error.h"
+#include "moe/core/hash.h"
 
 namespace moe {
 
@@ -656,12 +657,8 @@ std::string dump_config(const Config& cfg) {
 }
 
 uint64_t config_hash(const Config& cfg) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char ch : dump_config(cfg)) {
-    h ^= ch;
-    h *= 1099511628211ull;
-  }
-  return h;
+  const std::string text = dump_config(cfg);
+  return fnv1a64(text.data(), text.size());
 }
 
 bool operator==(const Config& a, const Config& b) {

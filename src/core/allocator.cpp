@@ -28,10 +28,6 @@ class CachingCpuAllocator final : public c10::Allocator {
   c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
 
   static CachingCpuAllocator* instance;
-  CachingAllocatorStats stats() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return stats_;
-  }
 
  private:
   static size_t bucket(size_t n) { return (n + kRound - 1) / kRound * kRound; }
@@ -46,12 +42,10 @@ class CachingCpuAllocator final : public c10::Allocator {
       if (it != free_.end() && !it->second.empty()) {
         void* p = it->second.back();
         it->second.pop_back();
-        stats_.cached_bytes -= static_cast<int64_t>(b);
-        ++stats_.hits;
+        cached_bytes_ -= b;
         live_[p] = b;
         return p;
       }
-      ++stats_.misses;
     }
     void* p = raw_alloc(b);
     std::lock_guard<std::mutex> lock(mu_);
@@ -74,9 +68,9 @@ class CachingCpuAllocator final : public c10::Allocator {
       if (it != self->live_.end()) {
         const size_t b = it->second;
         self->live_.erase(it);
-        if (static_cast<size_t>(self->stats_.cached_bytes) + b <= self->limit_) {
+        if (self->cached_bytes_ + b <= self->limit_) {
           self->free_[b].push_back(p);
-          self->stats_.cached_bytes += static_cast<int64_t>(b);
+          self->cached_bytes_ += b;
           return;
         }
       }
@@ -88,7 +82,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   mutable std::mutex mu_;
   mutable std::map<size_t, std::vector<void*>> free_;
   mutable std::unordered_map<void*, size_t> live_;
-  mutable CachingAllocatorStats stats_;
+  mutable size_t cached_bytes_ = 0;
 };
 
 CachingCpuAllocator* CachingCpuAllocator::instance = nullptr;
@@ -102,11 +96,6 @@ void install_caching_cpu_allocator(int64_t cache_limit_bytes) {
     CachingCpuAllocator::instance = new CachingCpuAllocator(cache_limit_bytes);
     c10::SetCPUAllocator(CachingCpuAllocator::instance, /*priority=*/10);
   });
-}
-
-CachingAllocatorStats caching_allocator_stats() {
-  return CachingCpuAllocator::instance ? CachingCpuAllocator::instance->stats()
-                                       : CachingAllocatorStats{};
 }
 
 }  // namespace moe

@@ -5,14 +5,13 @@
 #include <cmath>
 
 #include "moe/core/error.h"
+#include "moe/core/hash.h"
 
 namespace moe {
 
 namespace {
 uint64_t name_seed(uint64_t seed, const std::string& name) {
-  uint64_t h = 1469598103934665603ull ^ seed;
-  for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
-  return h;
+  return fnv1a64(name.data(), name.size(), kFnv1aOffset ^ seed);
 }
 torch::Tensor init_normal(std::vector<int64_t> shape, double std, uint64_t seed,
                           const std::string& name) {

@@ -15,6 +15,7 @@
 
 #include "moe/core/error.h"
 #include "moe/core/filesystem.h"
+#include "moe/core/hash.h"
 #include "moe/core/log.h"
 #include "moe/model/transformer.h"
 #include "moe/parallel/safetensors.h"
@@ -96,12 +97,11 @@ void set_checkpoint_crash_for_test(int nth_save) {
 uint64_t file_checksum(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) MOE_THROW(CheckpointError, "cannot read '" << path << "': " << std::strerror(errno));
-  uint64_t h = 1469598103934665603ull;
+  uint64_t h = kFnv1aOffset;
   std::vector<char> buf(1 << 20);
   while (in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    for (std::streamsize i = 0; i < in.gcount(); ++i)
-      h = (h ^ static_cast<unsigned char>(buf[i])) * 1099511628211ull;
+    h = fnv1a64(buf.data(), static_cast<size_t>(in.gcount()), h);
   }
   return h;
 }

@@ -28,7 +28,4 @@ void finalize_backends();
 // the job (MPI_Abort) so no peer hangs; a no-op when MPI was not used.
 void abort_backends(int code);
 
-// World size the launcher provides (mpirun's -np, else `thread_ranks`).
-int launcher_world_size(const std::string& backend, int thread_ranks);
-
 }  // namespace moe::comm

@@ -12,9 +12,4 @@ namespace moe {
 // no-ops). `cache_limit_bytes` bounds the idle memory kept for reuse.
 void install_caching_cpu_allocator(int64_t cache_limit_bytes);
 
-struct CachingAllocatorStats {
-  int64_t hits = 0, misses = 0, cached_bytes = 0;
-};
-CachingAllocatorStats caching_allocator_stats();
-
 }  // namespace moe

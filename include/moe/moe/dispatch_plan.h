@@ -35,7 +35,6 @@ struct DispatchPlan {
   int64_t dropped = 0;  // slots dropped
 
   int64_t experts_per_rank() const { return experts / ep; }
-  int64_t owner(int64_t expert) const { return expert / experts_per_rank(); }
   double drop_fraction() const {
     return tokens > 0 ? double(dropped) / double(tokens * top_k) : 0.0;
   }
