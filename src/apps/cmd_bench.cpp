@@ -339,7 +339,7 @@ int run_bench(const BenchArgs& args) {
     });
     return kExitOk;
   }
-  if (args.what != "comm") return not_implemented("bench " + args.what);
+  if (args.what == "calibrate") return run_calibrate(args);
   std::string backend = comm::resolve_backend(cfg.parallel.backend);
   int nthreads = thread_ranks(args.ranks, cfg);
   comm::run_on_world(backend, nthreads, cfg.parallel.timeout_s, [&](comm::Communicator& c) {

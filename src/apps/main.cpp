@@ -66,6 +66,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1024));
   bench_cmd->add_flag("--json", bench.json, "print results as JSON");
   bench_cmd->add_option("--dump", bench.dump_dir, "write raw timings to DIR");
+  bench_cmd->add_option("--out", bench.out_path,
+                        "calibrate: write the hardware profile YAML to FILE (default: print it)");
 
   // sweep
   apps::SweepArgs sweep;

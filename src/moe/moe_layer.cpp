@@ -189,7 +189,7 @@ MoEOutput MoELayer::forward(const torch::Tensor& x, bool training, uint64_t nois
                                                      PhaseTimes::Combine);
   out.y = unpermute_tokens(back, ro.gate, plan, &times);
   if (shared_w1.defined())
-    out.y = out.y + expert_mlp(x, shared_w1, shared_w3, shared_w2, {{0, 0, T}}, swiglu, nullptr);
+    out.y = out.y + expert_mlp(x, shared_w1, shared_w3, shared_w2, {{0, 0, T}}, swiglu, &times);
   return out;
 }
 

@@ -13,10 +13,12 @@
 #include "moe/core/error.h"
 #include "moe/core/filesystem.h"
 #include "moe/core/log.h"
+#include "moe/core/memory.h"
 #include "moe/core/timer.h"
 #include "moe/model/transformer.h"
 #include "moe/parallel/checkpoint.h"
 #include "moe/parallel/grad_sync.h"
+#include "moe/train/cost_model.h"
 #include "moe/train/data.h"
 
 namespace moe {
@@ -33,11 +35,6 @@ double learning_rate(const TrainConfig& t, int64_t step) {
 
 namespace {
 
-// Names of the step-time breakdown in metrics.jsonl: PhaseTimes' MoE phases, then the rest.
-const std::vector<std::string> kStepPhases = {"router",          "permute",   "dispatch",
-                                              "experts",         "combine",   "unpermute",
-                                              "attention_dense", "grad_sync", "optimizer"};
-
 std::string fmt_eta(double s) {
   char buf[32];
   int m = static_cast<int>(s) / 60, sec = static_cast<int>(s) % 60;
@@ -48,6 +45,7 @@ std::string fmt_eta(double s) {
 }  // namespace
 
 TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptions& opts) {
+  const int64_t rss_at_start = current_rss_bytes();
   const ParallelLayout layout = resolve_layout(cfg, world.size());
   comm::check_world_consistency(world, config_hash(cfg));
   comm::ProcessMesh mesh(world, layout.ep, layout.dp);
@@ -86,6 +84,9 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     metrics.open(opts.out_dir + "/metrics.jsonl", start_step > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics) MOE_THROW(DataError, "cannot write '" << opts.out_dir << "/metrics.jsonl'");
   }
+  // Memory per rank from shapes; checked against this process's peak RSS at the end
+  // (thread ranks share the process, so the check compares ranks x estimate).
+  const MemoryEstimate memory = estimate_memory(cfg, W);
   const ModelCounts counts = model.counts();
   const int64_t tokens_per_step = W * t.batch * t.grad_accum * cfg.model.seq_len;
   if (lead && !opts.quiet) {
@@ -99,11 +100,13 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
                   << layout.ep << " x dp " << layout.dp << "; global batch "
                   << W * t.batch * t.grad_accum << " sequences = " << tokens_per_step
                   << " tokens/step; data: " << data->describe();
+    MOE_LOG(Info) << "memory per rank (estimate): " << describe_memory(memory);
   }
 
   const int64_t V = cfg.model.vocab;
   Stopwatch run_clock;
   double run_tokens = 0;
+  int64_t timed_steps = 0;
   for (int64_t step = start_step; step < t.steps; ++step) {
     Stopwatch step_clock;
     const double lr = learning_rate(t, step);
@@ -144,7 +147,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     // backward), the rest of forward+backward (attention, dense blocks,
     // embeddings, loss), gradient sync and the optimizer; this rank's and the
     // slowest rank's.
-    std::vector<double> phase_ms(kStepPhases.size(), 0.0);
+    std::vector<double> phase_ms(step_phase_names().size(), 0.0);
     for (auto& layer : model.moe_layers())
       for (int p = 0; p < PhaseTimes::Count; ++p) phase_ms[p] += layer->times.total(p) * 1e3;
     double moe_ms = 0;
@@ -179,6 +182,17 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
                                          << "): lower train.lr or raise train.warmup");
     result.losses.push_back(loss);
     const double secs = step_clock.seconds();
+    // Timing means skip the first step run here (allocation, cache warm-up) when there are more.
+    if (step == start_step + 1) {
+      timed_steps = 0;
+      result.mean_step_ms = 0;
+      result.mean_phase_ms.assign(step_phase_names().size(), 0.0);
+    }
+    ++timed_steps;
+    result.mean_step_ms += secs * 1e3;
+    result.mean_phase_ms.resize(step_phase_names().size(), 0.0);
+    for (size_t p = 0; p < step_phase_names().size(); ++p)
+      result.mean_phase_ms[p] += phase_max.data_ptr<double>()[p];
     run_tokens += double(tokens_per_step);
     const double tps = double(tokens_per_step) / secs;
 
@@ -197,9 +211,9 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
                             {"grad_norm", grad_norm}, {"tokens_per_s", tps},
                             {"drop_frac", sc[3]},     {"expert_load", world_loads}};
         nlohmann::json mine = nlohmann::json::object(), slowest = nlohmann::json::object();
-        for (size_t p = 0; p < kStepPhases.size(); ++p) {
-          mine[kStepPhases[p]] = phase_ms[p];
-          slowest[kStepPhases[p]] = phase_max.data_ptr<double>()[p];
+        for (size_t p = 0; p < step_phase_names().size(); ++p) {
+          mine[step_phase_names()[p]] = phase_ms[p];
+          slowest[step_phase_names()[p]] = phase_max.data_ptr<double>()[p];
         }
         j["step_ms"] = secs * 1e3;
         j["phase_ms"] = mine;
@@ -227,6 +241,22 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
       save_checkpoint(opts.out_dir, step + 1, model, optimizer, mesh, cfg);
   }
   result.tokens_per_s = run_tokens / std::max(1e-9, run_clock.seconds());
+  if (timed_steps > 0) {
+    result.mean_step_ms /= double(timed_steps);
+    for (double& ms : result.mean_phase_ms) ms /= double(timed_steps);
+  }
+  if (lead && !opts.out_dir.empty()) {
+    const int ranks_here = world.backend_name() == "thread" ? W : 1;
+    nlohmann::json mem = {{"params_bytes", memory.params},
+                          {"grads_bytes", memory.grads},
+                          {"optimizer_bytes", memory.optimizer},
+                          {"activations_bytes", memory.activations},
+                          {"total_bytes", memory.total()},
+                          {"ranks_in_process", ranks_here},
+                          {"process_rss_at_start_bytes", rss_at_start},
+                          {"process_peak_rss_bytes", peak_rss_bytes()}};
+    std::ofstream(opts.out_dir + "/memory.json") << mem.dump(2) << "\n";
+  }
   return result;
 }
 

@@ -30,8 +30,10 @@ struct BenchArgs {
   int ranks = 0;
   bool json = false;
   std::string dump_dir;
+  std::string out_path;  // calibrate: hardware profile to write ("" = print)
 };
 int run_bench(const BenchArgs& args);
+int run_calibrate(const BenchArgs& args);
 
 struct SweepArgs {
   std::string sweep_path;
