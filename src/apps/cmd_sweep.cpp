@@ -5,14 +5,19 @@
 // Sweep file:
 //   base: tiny.yaml            # config, relative to the sweep file
 //   launcher: thread | mpirun  # how each point runs (default: the base's sweep.launcher)
-//   ranks: 2                   # world size per point (a grid key may override it)
-//   steps: 20                  # train.steps per point (default: the base's sweep.steps; 0 =
-//   train.steps)
-// Each point is killed after the base config's sweep.point_timeout_s.
+//   ranks: 2                   # world size per point
+//   steps: 20                  # train.steps per point (default: the base's sweep.steps;
+//                              # 0 = train.steps)
+//   hardware: ../hardware/cpu-local.yaml  # profile for the cost model (optional)
 //   overrides: [train.log_every=1000]
-//   grid:                      # cartesian product of these values
-//     parallel.ep: [1, 2]
+//   grid:                      # cartesian product of these values; `ranks` and
+//     parallel.ep: [1, 2]      # `launcher` may be grid keys too
 //     moe.capacity_factor: [0, 1.25]
+// Each point is killed after the base config's sweep.point_timeout_s.
+// With a hardware profile every finished point gets predicted_step_ms (from
+// its config and measured routing statistics) beside measured_step_ms.
+// `--predict` runs nothing: it prints and writes the model's projection of
+// every point (step time, tokens/s, MFU, all-to-all share, memory per rank).
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,6 +27,7 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <set>
 
 #include "moe/apps/commands.h"
@@ -29,13 +35,14 @@
 #include "moe/core/error.h"
 #include "moe/core/filesystem.h"
 #include "moe/core/timer.h"
+#include "moe/train/cost_model.h"
 
 namespace moe::apps {
 
 namespace {
 
 struct Sweep {
-  std::string base, launcher = "thread";
+  std::string base, launcher = "thread", hardware;
   int64_t ranks = 1, steps = 0;
   double point_timeout_s = 600;
   std::vector<std::string> overrides;
@@ -61,7 +68,8 @@ Sweep parse_sweep(const std::string& path) {
   MOE_CHECK_T(
       ConfigError, root.IsMap(),
       path << ": a sweep file is a mapping (base, launcher, ranks, steps, overrides, grid)");
-  const std::vector<std::string> keys = {"base", "launcher", "ranks", "steps", "overrides", "grid"};
+  const std::vector<std::string> keys = {"base",     "launcher",  "ranks", "steps",
+                                         "hardware", "overrides", "grid"};
   Sweep s;
   for (auto it = root.begin(); it != root.end(); ++it) {
     const std::string k = it->first.Scalar();
@@ -69,17 +77,20 @@ Sweep parse_sweep(const std::string& path) {
       std::string near = closest_match(k, keys);
       MOE_THROW(ConfigError,
                 path << ": unknown sweep key '" << k << "'"
-                     << (near.empty() ? " (allowed: base, launcher, ranks, steps, overrides, grid)"
+                     << (near.empty() ? " (allowed: base, launcher, ranks, steps, hardware, "
+                                        "overrides, grid)"
                                       : " (did you mean '" + near + "'?)"));
     }
   }
   MOE_CHECK_T(ConfigError, root["base"] && root["base"].IsScalar(),
               path << ": sweep key 'base' (the config file) is required");
-  s.base = root["base"].Scalar();
-  if (!s.base.empty() && s.base[0] != '/') {
+  auto beside_sweep = [&](const std::string& file) {
+    if (file.empty() || file[0] == '/') return file;
     auto slash = path.rfind('/');
-    s.base = (slash == std::string::npos ? std::string(".") : path.substr(0, slash)) + "/" + s.base;
-  }
+    return (slash == std::string::npos ? std::string(".") : path.substr(0, slash)) + "/" + file;
+  };
+  s.base = beside_sweep(root["base"].Scalar());
+  if (root["hardware"]) s.hardware = beside_sweep(root["hardware"].Scalar());
   // The base config's `sweep` section gives the defaults; the sweep file overrides them.
   const Config base_cfg = load_config(s.base);
   s.launcher = base_cfg.sweep.launcher;
@@ -111,6 +122,18 @@ Sweep parse_sweep(const std::string& path) {
                 path << ": grid key '" << k << "' must map to a non-empty list of values");
     std::vector<std::string> values;
     for (const auto& v : it->second) values.push_back(scalar_text(v));
+    if (k == "launcher")
+      for (const auto& v : values)
+        MOE_CHECK_T(ConfigError, v == "thread" || v == "mpirun",
+                    path << ": grid key 'launcher' has value '" << v
+                         << "': allowed thread | mpirun");
+    if (k == "ranks")
+      for (const auto& v : values) {
+        char* end = nullptr;
+        const long long n = std::strtoll(v.c_str(), &end, 10);
+        MOE_CHECK_T(ConfigError, end && *end == '\0' && n >= 1 && n <= 1024,
+                    path << ": grid key 'ranks' has value '" << v << "': allowed 1..1024");
+      }
     s.grid.emplace_back(k, values);
   }
   return s;
@@ -121,6 +144,7 @@ struct Point {
   std::vector<std::pair<std::string, std::string>> assignment;  // grid key -> value
   std::vector<std::string> overrides;
   int64_t ranks = 1;
+  std::string launcher;
 };
 
 std::vector<Point> expand(const Sweep& s) {
@@ -137,11 +161,14 @@ std::vector<Point> expand(const Sweep& s) {
   }
   for (auto& p : points) {
     p.ranks = s.ranks;
+    p.launcher = s.launcher;
     p.overrides = s.overrides;
     if (s.steps > 0) p.overrides.push_back("train.steps=" + std::to_string(s.steps));
     for (const auto& [k, v] : p.assignment) {
       if (k == "ranks") {
         p.ranks = std::stoll(v);
+      } else if (k == "launcher") {
+        p.launcher = v;
       } else {
         p.overrides.push_back(k + "=" + v);
       }
@@ -159,7 +186,14 @@ std::string shell_quote(const std::string& s) {
   return out + "'";
 }
 
-// Summary of a finished point's metrics.jsonl (steps after the first: warm-up excluded).
+// Summary of a finished point's metrics.jsonl: medians over the steps after
+// the first (warm-up), so one slow step on a shared machine does not move them.
+double median_of(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
 nlohmann::json summarize(const std::string& run_dir) {
   std::ifstream in(run_dir + "/metrics.jsonl");
   std::vector<nlohmann::json> steps;
@@ -168,50 +202,128 @@ nlohmann::json summarize(const std::string& run_dir) {
   nlohmann::json r;
   if (steps.empty()) return r;
   const size_t from = steps.size() > 1 ? 1 : 0;
-  double tps = 0, step_ms = 0, drop = 0, imbalance = 0;
-  nlohmann::json phases = nlohmann::json::object();
+  std::vector<double> tps, step_ms, drop, imbalance;
+  std::map<std::string, std::vector<double>> phases;
   for (size_t i = from; i < steps.size(); ++i) {
     const auto& s = steps[i];
-    tps += s["tokens_per_s"].get<double>();
-    step_ms += s["step_ms"].get<double>();
-    drop += s["drop_frac"].get<double>();
+    tps.push_back(s["tokens_per_s"].get<double>());
+    step_ms.push_back(s["step_ms"].get<double>());
+    drop.push_back(s["drop_frac"].get<double>());
     for (auto it = s["phase_ms_max"].begin(); it != s["phase_ms_max"].end(); ++it)
-      phases[it.key()] = phases.value(it.key(), 0.0) + it.value().get<double>();
+      phases[it.key()].push_back(it.value().get<double>());
     double worst = 1.0;
     for (const auto& layer : s["expert_load"]) {
       double mx = 0, sum = 0;
       for (const auto& c : layer) mx = std::max(mx, c.get<double>()), sum += c.get<double>();
       if (sum > 0) worst = std::max(worst, mx * layer.size() / sum);
     }
-    imbalance += worst;
+    imbalance.push_back(worst);
   }
-  const double n = double(steps.size() - from);
-  r["tokens_per_s"] = tps / n;
-  r["step_ms"] = step_ms / n;
-  r["drop_frac"] = drop / n;
-  r["load_imbalance"] = imbalance / n;
-  for (auto it = phases.begin(); it != phases.end(); ++it)
-    r[it.key() + "_ms"] = it.value().get<double>() / n;
+  auto mean = [](const std::vector<double>& v) {
+    double sum = 0;
+    for (double x : v) sum += x;
+    return v.empty() ? 0.0 : sum / double(v.size());
+  };
+  r["tokens_per_s"] = median_of(tps);
+  r["step_ms"] = median_of(step_ms);
+  r["drop_frac"] = mean(drop);
+  r["load_imbalance"] = mean(imbalance);
+  for (const auto& [name, v] : phases) r[name + "_ms"] = median_of(v);
   r["final_loss"] = steps.back()["loss"];
+  // Memory: the run's memory.json (estimate and the process's peak RSS).
+  std::ifstream mem_in(run_dir + "/memory.json");
+  if (mem_in) {
+    nlohmann::json mem = nlohmann::json::parse(mem_in, nullptr, /*allow_exceptions=*/false);
+    if (mem.is_object() && mem.contains("process_peak_rss_bytes"))
+      r["peak_rss_mib"] = mem["process_peak_rss_bytes"].get<double>() / 1048576.0;
+  }
   return r;
+}
+
+// The model's view of a point: its config, world and layout.
+struct PointModel {
+  Config cfg;
+  int world = 1;
+  ParallelLayout layout;
+};
+
+PointModel point_model(const Sweep& sweep, const Point& p) {
+  PointModel m;
+  m.cfg = load_config(sweep.base, p.overrides);
+  m.world = static_cast<int>(p.ranks);
+  if (m.cfg.parallel.ranks > 0 && m.cfg.parallel.ranks != p.ranks)
+    MOE_THROW(ConfigError, "sweep point "
+                               << p.name << ": parallel.ranks = " << m.cfg.parallel.ranks
+                               << " but the point runs " << p.ranks
+                               << " ranks (set ranks: in the sweep, or parallel.ranks=0)");
+  m.layout = resolve_layout(m.cfg, m.world);
+  return m;
+}
+
+std::string fixed(double v, int digits) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
+}
+
+// `--predict`: the cost model's projection of every point; nothing runs.
+int predict_sweep(const Sweep& sweep, const std::vector<Point>& points,
+                  const std::vector<PointModel>& models, const std::string& out) {
+  MOE_CHECK_T(ConfigError, !sweep.hardware.empty(),
+              "sweep --predict needs a hardware profile: add 'hardware: FILE' to the sweep file "
+              "(configs/hardware/ has cpu-local, h100-8x-nvlink, h100-ib-cluster)");
+  const HardwareProfile hw = load_hardware_profile(sweep.hardware);
+  std::ofstream csv;
+  if (!out.empty()) {
+    std::string error = make_directories(out);
+    if (!error.empty()) MOE_THROW(UsageError, "--out: " << error);
+    csv.open(out + "/predictions.csv");
+    csv << "point,ranks,ep,dp,tokens_per_rank,predicted_step_ms,tokens_per_s,mfu,"
+           "all_to_all_share,memory_per_rank_gib,fits";
+    for (const auto& n : step_phase_names()) csv << "," << n << "_ms";
+    csv << "\n";
+  }
+  std::printf("cost model projection on %s (%s)\n", hw.name.c_str(), hw.path.c_str());
+  std::printf("%-34s %6s %5s %5s %11s %13s %6s %7s %10s\n", "point", "ranks", "ep", "dp",
+              "step ms", "tokens/s", "MFU", "a2a %", "mem GiB");
+  for (size_t i = 0; i < points.size(); ++i) {
+    const PointModel& m = models[i];
+    const StepCost cost = step_cost(m.cfg, m.world);
+    const StepPrediction pr = predict_step(cost, hw);
+    const MemoryEstimate mem = estimate_memory(m.cfg, m.world);
+    const double gib = double(mem.total()) / 1073741824.0;
+    const bool fits = hw.device_memory_gib <= 0 || gib <= hw.device_memory_gib;
+    const double a2a_share = pr.step_ms > 0 ? pr.all_to_all_ms / pr.step_ms : 0.0;
+    std::printf("%-34s %6d %5d %5d %11.1f %13.0f %5.1f%% %6.1f%% %10.1f%s\n",
+                points[i].name.c_str(), m.world, m.layout.ep, m.layout.dp, pr.step_ms,
+                pr.tokens_per_s, 100 * pr.mfu, 100 * a2a_share, gib,
+                fits ? "" : "  (exceeds device memory)");
+    if (csv.is_open()) {
+      csv << points[i].name << "," << m.world << "," << m.layout.ep << "," << m.layout.dp << ","
+          << cost.tokens_per_rank << "," << fixed(pr.step_ms, 3) << ","
+          << fixed(pr.tokens_per_s, 1) << "," << fixed(pr.mfu, 4) << "," << fixed(a2a_share, 4)
+          << "," << fixed(gib, 3) << "," << (fits ? "yes" : "no");
+      for (const auto& [name, ms] : pr.phase_ms) csv << "," << fixed(ms, 4);
+      csv << "\n";
+    }
+  }
+  if (csv.is_open()) std::cout << "predictions in " << out << "/predictions.csv\n";
+  return kExitOk;
 }
 
 }  // namespace
 
 int run_sweep(const SweepArgs& args) {
-  if (args.predict) return not_implemented("sweep --predict (the cost model)");
   Sweep sweep = parse_sweep(args.sweep_path);
   std::vector<Point> points = expand(sweep);
   // Every point's config must be valid before anything runs.
-  for (const auto& p : points) {
-    Config cfg = load_config(sweep.base, p.overrides);
-    if (cfg.parallel.ranks > 0 && cfg.parallel.ranks != p.ranks)
-      MOE_THROW(ConfigError, "sweep point "
-                                 << p.name << ": parallel.ranks = " << cfg.parallel.ranks
-                                 << " but the point runs " << p.ranks
-                                 << " ranks (set ranks: in the sweep, or parallel.ranks=0)");
-    resolve_layout(cfg, static_cast<int>(p.ranks));
-  }
+  std::vector<PointModel> models;
+  for (const auto& p : points) models.push_back(point_model(sweep, p));
+  if (args.predict) return predict_sweep(sweep, points, models, args.out_dir);
+
+  HardwareProfile hw;
+  const bool have_hw = !sweep.hardware.empty();
+  if (have_hw) hw = load_hardware_profile(sweep.hardware);
   const std::string out = args.out_dir.empty() ? "runs/sweep" : args.out_dir;
   std::string error = make_directories(out + "/points");
   if (!error.empty()) MOE_THROW(UsageError, "--out: " << error);
@@ -228,19 +340,26 @@ int run_sweep(const SweepArgs& args) {
   const bool new_csv = ::access((out + "/results.csv").c_str(), F_OK) != 0;
   std::ofstream jsonl(out + "/results.jsonl", std::ios::app),
       csv(out + "/results.csv", std::ios::app);
-  const std::vector<std::string> metric_cols = {
-      "tokens_per_s", "step_ms",     "drop_frac",  "load_imbalance", "final_loss",
-      "router_ms",    "dispatch_ms", "experts_ms", "combine_ms",     "attention_dense_ms",
-      "grad_sync_ms", "optimizer_ms"};
+  std::vector<std::string> grid_cols;
+  for (const auto& [k, v] : sweep.grid)
+    if (k != "ranks" && k != "launcher") grid_cols.push_back(k);
+  std::vector<std::string> metric_cols = {"tokens_per_s",      "measured_step_ms",
+                                          "predicted_step_ms", "error_pct",
+                                          "drop_frac",         "load_imbalance",
+                                          "final_loss",        "memory_estimate_mib",
+                                          "peak_rss_mib"};
+  for (const auto& n : step_phase_names()) metric_cols.push_back(n + "_ms");
+  for (const auto& n : step_phase_names()) metric_cols.push_back("predicted_" + n + "_ms");
   if (new_csv) {
-    csv << "point,status,ranks";
-    for (const auto& [k, v] : sweep.grid) csv << "," << k;
+    csv << "point,status,launcher,ranks,ep,dp";
+    for (const auto& k : grid_cols) csv << "," << k;
     for (const auto& c : metric_cols) csv << "," << c;
     csv << "\n";
   }
   int ran = 0, skipped = 0, failed = 0;
   for (size_t i = 0; i < points.size(); ++i) {
     const Point& p = points[i];
+    const PointModel& model = models[i];
     if (done.count(p.name)) {
       ++skipped;
       std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << p.name
@@ -249,7 +368,7 @@ int run_sweep(const SweepArgs& args) {
     }
     const std::string dir = out + "/points/" + p.name;
     std::string cmd;
-    if (sweep.launcher == "mpirun")
+    if (p.launcher == "mpirun")
       cmd = "mpirun --oversubscribe --bind-to none" +
             std::string(getuid() == 0 ? " --allow-run-as-root" : "") + " -np " +
             std::to_string(p.ranks) + " " + shell_quote(self) + " train " + shell_quote(sweep.base);
@@ -266,15 +385,29 @@ int run_sweep(const SweepArgs& args) {
     Stopwatch clock;
     int status = std::system(cmd.c_str());
     int rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    nlohmann::json row = {{"point", p.name},
-                          {"ranks", p.ranks},
-                          {"launcher", sweep.launcher},
-                          {"wall_s", clock.seconds()}};
-    for (const auto& [k, v] : p.assignment) row[k] = v;
+    nlohmann::json row = {{"point", p.name},         {"ranks", p.ranks},
+                          {"ep", model.layout.ep},   {"dp", model.layout.dp},
+                          {"launcher", p.launcher},  {"wall_s", clock.seconds()}};
+    for (const auto& [k, v] : p.assignment)
+      if (k != "ranks" && k != "launcher") row[k] = v;
     nlohmann::json metrics = rc == 0 ? summarize(dir) : nlohmann::json();
     if (rc == 0 && !metrics.empty()) {
       row["status"] = "ok";
       row.update(metrics);
+      row["measured_step_ms"] = row["step_ms"];
+      const MemoryEstimate mem = estimate_memory(model.cfg, model.world);
+      row["memory_estimate_mib"] = double(mem.total()) / 1048576.0;
+      if (have_hw) {
+        // The model gets the config and the measured routing, never the timings.
+        RoutingStats routing;
+        routing.drop_frac = row["drop_frac"].get<double>();
+        routing.load_imbalance = std::max(1.0, row["load_imbalance"].get<double>());
+        const StepPrediction pr = predict_step(step_cost(model.cfg, model.world, routing), hw);
+        row["predicted_step_ms"] = pr.step_ms;
+        row["error_pct"] = 100.0 * (pr.step_ms - row["step_ms"].get<double>()) /
+                           row["step_ms"].get<double>();
+        for (const auto& [name, ms] : pr.phase_ms) row["predicted_" + name + "_ms"] = ms;
+      }
       ++ran;
     } else {
       std::ifstream log(dir + ".log");
@@ -289,19 +422,26 @@ int run_sweep(const SweepArgs& args) {
     }
     jsonl << row.dump() << "\n";
     jsonl.flush();
-    csv << p.name << "," << row["status"].get<std::string>() << "," << p.ranks;
-    for (const auto& [k, v] : p.assignment) csv << "," << v;
+    csv << p.name << "," << row["status"].get<std::string>() << "," << p.launcher << ","
+        << p.ranks << "," << model.layout.ep << "," << model.layout.dp;
+    for (const auto& [k, v] : p.assignment)
+      if (k != "ranks" && k != "launcher") csv << "," << v;
     for (const auto& c : metric_cols) csv << "," << (row.contains(c) ? row[c].dump() : "");
     csv << "\n";
     csv.flush();
     std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << p.name << ": "
               << row["status"].get<std::string>();
-    if (row["status"] == "ok")
+    if (row["status"] == "ok") {
       std::cout << ", " << static_cast<int64_t>(row["tokens_per_s"].get<double>())
-                << " tokens/s, step " << row["step_ms"].get<double>() << " ms, loss "
-                << row["final_loss"].get<double>();
-    else
+                << " tokens/s, step " << fixed(row["step_ms"].get<double>(), 1) << " ms";
+      if (row.contains("predicted_step_ms"))
+        std::cout << " (predicted " << fixed(row["predicted_step_ms"].get<double>(), 1) << " ms, "
+                  << (row["error_pct"].get<double>() >= 0 ? "+" : "")
+                  << fixed(row["error_pct"].get<double>(), 1) << "%)";
+      std::cout << ", loss " << fixed(row["final_loss"].get<double>(), 4);
+    } else {
       std::cout << " (" << row["error"].get<std::string>() << ")";
+    }
     std::cout << std::endl;
   }
   std::cout << "sweep: " << ran << " ran, " << skipped << " skipped (done earlier), " << failed

@@ -152,7 +152,13 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
       padded ? (s.ep - 1) * EL * c.capacity
              : std::llround(double(send_rows) * double(s.ep - 1) / double(s.ep));
 
-  for (const auto& name : step_phase_names()) c.phases.push_back(PhaseCost{name, {}, 0, 0, {}});
+  for (const auto& name : step_phase_names()) {
+    PhaseCost phase;
+    phase.name = name;
+    phase.streaming = name == "permute" || name == "unpermute" || name == "grad_sync" ||
+                      name == "optimizer";
+    c.phases.push_back(phase);
+  }
   auto ph = [&](const char* n) -> PhaseCost& {
     for (auto& p : c.phases)
       if (p.name == n) return p;
@@ -324,7 +330,7 @@ HardwareProfile load_hardware_profile(const std::string& path) {
   static const std::vector<std::string> keys = {
       "name",          "kind",          "cores_per_node", "ranks_per_node",
       "peak_gflops",   "gemm_gflops",   "multicore_gemm_speedup",
-      "memory_gbps",   "op_overhead_us", "activation_bytes",
+      "memory_gbps",   "stream_gbps",   "op_overhead_us", "activation_bytes",
       "device_memory_gib", "intra_node", "inter_node"};
   for (auto it = root.begin(); it != root.end(); ++it) {
     const std::string k = it->first.Scalar();
@@ -367,6 +373,7 @@ HardwareProfile load_hardware_profile(const std::string& path) {
   opt("peak_gflops", hw.peak_gflops, 1e-3, 1e9);
   opt("multicore_gemm_speedup", hw.multicore_gemm_speedup, 0.1, 4096);
   opt("memory_gbps", hw.memory_gbps, 1e-3, 1e6);
+  opt("stream_gbps", hw.stream_gbps, 0, 1e6);
   opt("op_overhead_us", hw.op_overhead_us, 0, 1e6);
   opt("device_memory_gib", hw.device_memory_gib, 0, 1e6);
   const YAML::Node g = root["gemm_gflops"];
@@ -410,7 +417,8 @@ std::string dump_hardware_profile(const HardwareProfile& hw, const std::string& 
     o << (i ? ", " : "") << "[" << hw.gemm_gflops[i].first << ", " << hw.gemm_gflops[i].second
       << "]";
   o << "]\nmulticore_gemm_speedup: " << hw.multicore_gemm_speedup
-    << "\nmemory_gbps: " << hw.memory_gbps << "\nop_overhead_us: " << hw.op_overhead_us
+    << "\nmemory_gbps: " << hw.memory_gbps << "\nstream_gbps: " << hw.stream_gbps
+    << "\nop_overhead_us: " << hw.op_overhead_us
     << "\nactivation_bytes: " << hw.activation_bytes
     << "\ndevice_memory_gib: " << hw.device_memory_gib << "\nintra_node: {gbps: "
     << hw.intra_node.gbps << ", latency_us: " << hw.intra_node.latency_us
@@ -469,7 +477,9 @@ StepPrediction predict_step(const StepCost& cost, const HardwareProfile& hw) {
     }
     // Activation traffic scales with the element size; parameter and optimizer traffic is fp32.
     const bool param_phase = ph.name == "grad_sync" || ph.name == "optimizer";
-    s += double(ph.memory_bytes) * (param_phase ? 1.0 : msg_scale) / (hw.memory_gbps * 1e9);
+    const double gbps =
+        ph.streaming && hw.stream_gbps > 0 ? hw.stream_gbps : hw.memory_gbps;
+    s += double(ph.memory_bytes) * (param_phase ? 1.0 : msg_scale) / (gbps * 1e9);
     s += double(ph.ops) * hw.op_overhead_us * 1e-6;
     double comm = 0;
     for (const auto& c : ph.collectives) comm += double(c.repeat) * collective_s(c);

@@ -4,6 +4,7 @@
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/adamw.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -106,7 +107,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   const int64_t V = cfg.model.vocab;
   Stopwatch run_clock;
   double run_tokens = 0;
-  int64_t timed_steps = 0;
+  std::vector<std::vector<double>> step_times;  // per step: phase ms (slowest rank), step ms
   for (int64_t step = start_step; step < t.steps; ++step) {
     Stopwatch step_clock;
     const double lr = learning_rate(t, step);
@@ -182,17 +183,11 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
                                          << "): lower train.lr or raise train.warmup");
     result.losses.push_back(loss);
     const double secs = step_clock.seconds();
-    // Timing means skip the first step run here (allocation, cache warm-up) when there are more.
-    if (step == start_step + 1) {
-      timed_steps = 0;
-      result.mean_step_ms = 0;
-      result.mean_phase_ms.assign(step_phase_names().size(), 0.0);
-    }
-    ++timed_steps;
-    result.mean_step_ms += secs * 1e3;
-    result.mean_phase_ms.resize(step_phase_names().size(), 0.0);
-    for (size_t p = 0; p < step_phase_names().size(); ++p)
-      result.mean_phase_ms[p] += phase_max.data_ptr<double>()[p];
+    // Timing medians skip the first step run here (allocation, cache warm-up) when there are more.
+    if (step == start_step + 1) step_times.clear();
+    step_times.emplace_back(phase_max.data_ptr<double>(),
+                            phase_max.data_ptr<double>() + phase_max.numel());
+    step_times.back().push_back(secs * 1e3);
     run_tokens += double(tokens_per_step);
     const double tps = double(tokens_per_step) / secs;
 
@@ -241,9 +236,16 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
       save_checkpoint(opts.out_dir, step + 1, model, optimizer, mesh, cfg);
   }
   result.tokens_per_s = run_tokens / std::max(1e-9, run_clock.seconds());
-  if (timed_steps > 0) {
-    result.mean_step_ms /= double(timed_steps);
-    for (double& ms : result.mean_phase_ms) ms /= double(timed_steps);
+  if (!step_times.empty()) {
+    auto median_of = [&](size_t column) {
+      std::vector<double> v;
+      for (const auto& row : step_times) v.push_back(row[column]);
+      std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+      return v[v.size() / 2];
+    };
+    const size_t phases = step_phase_names().size();
+    for (size_t p = 0; p < phases; ++p) result.median_phase_ms.push_back(median_of(p));
+    result.median_step_ms = median_of(phases);
   }
   if (lead && !opts.out_dir.empty()) {
     const int ranks_here = world.backend_name() == "thread" ? W : 1;

@@ -9,7 +9,7 @@
 // with compute. Counts are per rank and per optimizer step (all micro-batches).
 //
 // Time of a phase = sum of GEMM FLOPs / GEMM rate at that product's size
-//                 + element-wise bytes / memory bandwidth
+//                 + element-wise bytes / memory_gbps (stream_gbps for plain copies)
 //                 + op launches x op overhead
 //                 + per collective: latency + bytes on the slowest link / its bandwidth
 // When ranks share a CPU's cores (cpu profile, more ranks than cores) every
@@ -46,6 +46,7 @@ struct PhaseCost {
   std::string name;
   std::vector<GemmCost> gemms;
   int64_t memory_bytes = 0;  // element-wise reads + writes, forward + backward
+  bool streaming = false;    // plain copies / vector updates rather than element-wise math
   int64_t ops = 0;           // op launches, forward + backward
   std::vector<CollectiveCost> collectives;
   int64_t flops() const;
@@ -101,7 +102,9 @@ struct HardwareProfile {
   // size (cube root of m n k), interpolated in log(size); at least one point.
   std::vector<std::pair<double, double>> gemm_gflops;
   double multicore_gemm_speedup = 1.0;  // cpu: one rank's GEMMs on every core vs one core
-  double memory_gbps = 1.0;             // element-wise traffic, one core / device
+  double memory_gbps = 1.0;   // element-wise math on activations (norms, softmax, activations)
+  double stream_gbps = 0.0;   // plain streaming (optimizer, gradient buckets, token copies);
+                              // 0 = memory_gbps
   double op_overhead_us = 0.0;          // per op launch (dispatch, autograd, kernel launch)
   int activation_bytes = 4;             // element size of activations and messages
   double device_memory_gib = 0.0;       // per rank (0 = unknown): projections flag what does not fit

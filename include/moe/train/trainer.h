@@ -24,11 +24,12 @@ struct TrainResult {
   std::vector<double> losses;  // global mean loss per step run here
   int64_t first_step = 0;      // 0, or the step resumed from
   double tokens_per_s = 0;     // over the steps run here
-  // Means over the steps run here after the first (warm-up), the first if
-  // only one ran: step wall time and each phase's slowest-rank time
-  // (step_phase_names() order), in ms.
-  double mean_step_ms = 0;
-  std::vector<double> mean_phase_ms;
+  // Medians over the steps run here after the first (warm-up; the first if
+  // only one ran): step wall time and each phase's slowest-rank time
+  // (step_phase_names() order), in ms. Medians: one slow step (a noisy
+  // neighbour, a page-fault burst) does not move them.
+  double median_step_ms = 0;
+  std::vector<double> median_phase_ms;
 };
 
 // Collective over `world`. Throws ConfigError for layouts that do not fit.
