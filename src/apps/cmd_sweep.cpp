@@ -9,6 +9,7 @@
 //   steps: 20                  # train.steps per point (default: the base's sweep.steps;
 //                              # 0 = train.steps)
 //   hardware: ../hardware/cpu-local.yaml  # profile for the cost model (optional)
+//   global_batch: 32           # strong scaling: train.batch = 32 / (ranks x grad_accum)
 //   overrides: [train.log_every=1000]
 //   grid:                      # cartesian product of these values; `ranks` and
 //     parallel.ep: [1, 2]      # `launcher` may be grid keys too
@@ -44,6 +45,7 @@ namespace {
 struct Sweep {
   std::string base, launcher = "thread", hardware;
   int64_t ranks = 1, steps = 0;
+  int64_t global_batch = 0;  // > 0: train.batch = global_batch / (ranks x grad_accum) per point
   double point_timeout_s = 600;
   std::vector<std::string> overrides;
   std::vector<std::pair<std::string, std::vector<std::string>>> grid;  // key -> values (YAML text)
@@ -68,8 +70,8 @@ Sweep parse_sweep(const std::string& path) {
   MOE_CHECK_T(
       ConfigError, root.IsMap(),
       path << ": a sweep file is a mapping (base, launcher, ranks, steps, overrides, grid)");
-  const std::vector<std::string> keys = {"base",     "launcher",  "ranks", "steps",
-                                         "hardware", "overrides", "grid"};
+  const std::vector<std::string> keys = {"base",     "launcher",     "ranks",     "steps",
+                                         "hardware", "global_batch", "overrides", "grid"};
   Sweep s;
   for (auto it = root.begin(); it != root.end(); ++it) {
     const std::string k = it->first.Scalar();
@@ -78,7 +80,7 @@ Sweep parse_sweep(const std::string& path) {
       MOE_THROW(ConfigError,
                 path << ": unknown sweep key '" << k << "'"
                      << (near.empty() ? " (allowed: base, launcher, ranks, steps, hardware, "
-                                        "overrides, grid)"
+                                        "global_batch, overrides, grid)"
                                       : " (did you mean '" + near + "'?)"));
     }
   }
@@ -102,9 +104,14 @@ Sweep parse_sweep(const std::string& path) {
   try {
     if (root["ranks"]) s.ranks = root["ranks"].as<int64_t>();
     if (root["steps"]) s.steps = root["steps"].as<int64_t>();
+    if (root["global_batch"]) s.global_batch = root["global_batch"].as<int64_t>();
   } catch (const YAML::Exception&) {
-    MOE_THROW(ConfigError, path << ": sweep keys 'ranks' and 'steps' must be integers");
+    MOE_THROW(ConfigError,
+              path << ": sweep keys 'ranks', 'steps' and 'global_batch' must be integers");
   }
+  MOE_CHECK_T(ConfigError, s.global_batch >= 0,
+              path << ": sweep key 'global_batch' = " << s.global_batch
+                   << " must be >= 0 (sequences per step over all ranks; 0 = off)");
   MOE_CHECK_T(ConfigError, s.ranks >= 1 && s.ranks <= 1024,
               path << ": sweep key 'ranks' = " << s.ranks << ": allowed 1..1024");
   MOE_CHECK_T(ConfigError, s.steps >= 0,
@@ -240,14 +247,17 @@ nlohmann::json summarize(const std::string& run_dir) {
   return r;
 }
 
-// The model's view of a point: its config, world and layout.
+// The model's view of a point: its config, world and layout. A layout that
+// does not fit the world (ep not dividing it, experts not divisible by ep) is
+// a corner of the grid, not a typo: the point is marked invalid and skipped.
 struct PointModel {
   Config cfg;
   int world = 1;
   ParallelLayout layout;
+  std::string invalid;  // why the point cannot run ("" = it can)
 };
 
-PointModel point_model(const Sweep& sweep, const Point& p) {
+PointModel point_model(const Sweep& sweep, Point& p) {
   PointModel m;
   m.cfg = load_config(sweep.base, p.overrides);
   m.world = static_cast<int>(p.ranks);
@@ -256,7 +266,22 @@ PointModel point_model(const Sweep& sweep, const Point& p) {
                                << p.name << ": parallel.ranks = " << m.cfg.parallel.ranks
                                << " but the point runs " << p.ranks
                                << " ranks (set ranks: in the sweep, or parallel.ranks=0)");
-  m.layout = resolve_layout(m.cfg, m.world);
+  if (sweep.global_batch > 0) {
+    // Strong scaling: the global batch stays fixed, each rank gets its share.
+    const int64_t per_step = p.ranks * m.cfg.train.grad_accum;
+    if (sweep.global_batch % per_step != 0) {
+      m.invalid = "global_batch " + std::to_string(sweep.global_batch) +
+                  " is not divisible by ranks x train.grad_accum = " + std::to_string(per_step);
+      return m;
+    }
+    p.overrides.push_back("train.batch=" + std::to_string(sweep.global_batch / per_step));
+    m.cfg = load_config(sweep.base, p.overrides);
+  }
+  try {
+    m.layout = resolve_layout(m.cfg, m.world);
+  } catch (const ConfigError& e) {
+    m.invalid = e.what();
+  }
   return m;
 }
 
@@ -288,6 +313,10 @@ int predict_sweep(const Sweep& sweep, const std::vector<Point>& points,
               "step ms", "tokens/s", "MFU", "a2a %", "mem GiB");
   for (size_t i = 0; i < points.size(); ++i) {
     const PointModel& m = models[i];
+    if (!m.invalid.empty()) {
+      std::printf("%-34s invalid, skipped: %s\n", points[i].name.c_str(), m.invalid.c_str());
+      continue;
+    }
     const StepCost cost = step_cost(m.cfg, m.world);
     const StepPrediction pr = predict_step(cost, hw);
     const MemoryEstimate mem = estimate_memory(m.cfg, m.world);
@@ -298,6 +327,10 @@ int predict_sweep(const Sweep& sweep, const std::vector<Point>& points,
                 points[i].name.c_str(), m.world, m.layout.ep, m.layout.dp, pr.step_ms,
                 pr.tokens_per_s, 100 * pr.mfu, 100 * a2a_share, gib,
                 fits ? "" : "  (exceeds device memory)");
+    if (hw.ranks_per_node > 0 && m.world > hw.ranks_per_node && !hw.has_inter_node)
+      std::printf("%-34s note: %d ranks exceed the profile's %d per node and it has no "
+                  "inter_node link; the intra-node one was used\n",
+                  "", m.world, hw.ranks_per_node);
     if (csv.is_open()) {
       csv << points[i].name << "," << m.world << "," << m.layout.ep << "," << m.layout.dp << ","
           << cost.tokens_per_rank << "," << fixed(pr.step_ms, 3) << ","
@@ -318,7 +351,7 @@ int run_sweep(const SweepArgs& args) {
   std::vector<Point> points = expand(sweep);
   // Every point's config must be valid before anything runs.
   std::vector<PointModel> models;
-  for (const auto& p : points) models.push_back(point_model(sweep, p));
+  for (auto& p : points) models.push_back(point_model(sweep, p));
   if (args.predict) return predict_sweep(sweep, points, models, args.out_dir);
 
   HardwareProfile hw;
@@ -356,10 +389,16 @@ int run_sweep(const SweepArgs& args) {
     for (const auto& c : metric_cols) csv << "," << c;
     csv << "\n";
   }
-  int ran = 0, skipped = 0, failed = 0;
+  int ran = 0, skipped = 0, failed = 0, invalid = 0;
   for (size_t i = 0; i < points.size(); ++i) {
     const Point& p = points[i];
     const PointModel& model = models[i];
+    if (!model.invalid.empty()) {
+      ++invalid;
+      std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << p.name
+                << ": invalid, skipped (" << model.invalid << ")\n";
+      continue;
+    }
     if (done.count(p.name)) {
       ++skipped;
       std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << p.name
@@ -445,7 +484,7 @@ int run_sweep(const SweepArgs& args) {
     std::cout << std::endl;
   }
   std::cout << "sweep: " << ran << " ran, " << skipped << " skipped (done earlier), " << failed
-            << " failed; results in " << out << "/results.csv and results.jsonl\n";
+            << " failed, " << invalid << " invalid (layout does not fit); results in " << out << "/results.csv and results.jsonl\n";
   return failed > 0 ? kExitOther : kExitOk;
 }
 

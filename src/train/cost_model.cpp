@@ -402,7 +402,8 @@ HardwareProfile load_hardware_profile(const std::string& path) {
     if (n["latency_us"])
       link.latency_us = number(n["latency_us"], std::string(key) + ".latency_us", 0, 1e7);
   }
-  if (!root["inter_node"]) hw.inter_node = hw.intra_node;
+  hw.has_inter_node = bool(root["inter_node"]);
+  if (!hw.has_inter_node) hw.inter_node = hw.intra_node;
   return hw;
 }
 
@@ -422,8 +423,10 @@ std::string dump_hardware_profile(const HardwareProfile& hw, const std::string& 
     << "\nactivation_bytes: " << hw.activation_bytes
     << "\ndevice_memory_gib: " << hw.device_memory_gib << "\nintra_node: {gbps: "
     << hw.intra_node.gbps << ", latency_us: " << hw.intra_node.latency_us
-    << "}\ninter_node: {gbps: " << hw.inter_node.gbps
-    << ", latency_us: " << hw.inter_node.latency_us << "}\n";
+    << "}\n";
+  if (hw.has_inter_node)
+    o << "inter_node: {gbps: " << hw.inter_node.gbps << ", latency_us: " << hw.inter_node.latency_us
+      << "}\n";
   return o.str();
 }
 

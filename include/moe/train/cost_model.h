@@ -109,6 +109,7 @@ struct HardwareProfile {
   int activation_bytes = 4;             // element size of activations and messages
   double device_memory_gib = 0.0;       // per rank (0 = unknown): projections flag what does not fit
   LinkProfile intra_node, inter_node;
+  bool has_inter_node = false;  // the profile describes a link between nodes
 
   double gemm_rate(double size) const;  // GFLOP/s at this size
 };
