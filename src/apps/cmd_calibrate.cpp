@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <ctime>
 #include <fstream>
 #include <iostream>
@@ -96,13 +97,13 @@ int run_calibrate(const BenchArgs& args) {
               << " (median of " << ratios.size() << ")" << std::endl;
   }
 
-  // Element-wise: c = a * b at two sizes; the slope is the bandwidth, the
-  // intercept part of the op overhead.
+  // Streaming: c = a * b at two sizes past the caches (parameter-sized
+  // tensors: optimizer, gradient buckets); the slope is the bandwidth.
   auto mul_time = [](int64_t n) {
     torch::Tensor a = torch::rand({n}), b = torch::rand({n}), c = torch::empty({n});
     return time_median([&] { at::mul_out(c, a, b); });
   };
-  const int64_t n1 = 1 << 14, n2 = 1 << 18;
+  const int64_t n1 = 1 << 20, n2 = 1 << 22;
   const double t1 = mul_time(n1), t2 = mul_time(n2);
   hw.stream_gbps = 3.0 * 4.0 * double(n2 - n1) / std::max(1e-9, t2 - t1) / 1e9;
   hw.memory_gbps = hw.stream_gbps;
@@ -150,68 +151,124 @@ int run_calibrate(const BenchArgs& args) {
   // strided rotary halves, small tensors), and a real op costs more than the
   // tiny one timed above. Both are fitted (least squares on relative error)
   // so that the model reproduces short training runs of four calibration
-  // shapes (d_model 64 to 192; one core per rank: world = cores, EP = world),
+  // shapes (d_model 64 to 256; one core per rank: world = cores, EP = world),
   // everything else as measured above:
   //   measured_i = rest_i + ops_i x op_overhead + bytes_i / memory_gbps.
   {
     const int world = std::max(2, cores);
+    // d_model, seq_len, batch, experts, d_expert, vocab: common widths, mixed so
+    // that no one proportion dominates the fit.
+    const std::vector<std::array<int64_t, 6>> dims = {{64, 32, 8, 4, 128, 128},
+                                                      {128, 32, 16, 4, 512, 512},
+                                                      {192, 64, 8, 8, 384, 256},
+                                                      {256, 64, 4, 16, 256, 256}};
     std::vector<Config> shapes;
-    for (int64_t d : {64, 96, 160, 192}) {
-      const bool small = d < 128;
+    for (const auto& [d, seq, batch, experts, hidden, vocab] : dims)
       shapes.push_back(default_config(
           {"model.layers=2", "model.heads=4", "moe.top_k=2", "moe.capacity_factor=1.25",
-           "train.batch=8", "train.steps=16", "train.warmup=2", "data.kind=synthetic",
+           "train.steps=16", "train.warmup=2", "data.kind=synthetic",
            "model.d_model=" + std::to_string(d), "model.d_ff=" + std::to_string(4 * d),
-           "moe.d_expert=" + std::to_string(2 * d), small ? "model.vocab=128" : "model.vocab=256",
-           small ? "model.seq_len=32" : "model.seq_len=64",
-           small ? "moe.experts=4" : "moe.experts=8"}));
-    }
-    // Three interleaved runs of each shape; the median run's median step.
-    std::vector<std::vector<double>> step_ms(shapes.size());
+           "model.seq_len=" + std::to_string(seq), "train.batch=" + std::to_string(batch),
+           "moe.experts=" + std::to_string(experts), "moe.d_expert=" + std::to_string(hidden),
+           "model.vocab=" + std::to_string(vocab)}));
+    // Three interleaved runs of each shape, at `world` ranks and at one rank
+    // on every core; the median run's median step.
+    std::vector<std::vector<double>> step_ms(shapes.size()), single_ms(shapes.size());
+    auto run = [&](const Config& cfg, int ranks, std::vector<double>& into) {
+      comm::run_ranks(ranks, 60.0, [&](comm::Communicator& c) {
+        TrainOptions opts;
+        opts.quiet = true;
+        TrainResult r = train(c, cfg, opts);
+        if (c.rank() == 0) into.push_back(r.median_step_ms);
+      });
+    };
     for (int rep = 0; rep < 3; ++rep)
-      for (size_t i = 0; i < shapes.size(); ++i)
-        comm::run_ranks(world, 60.0, [&](comm::Communicator& c) {
-          TrainOptions opts;
-          opts.quiet = true;
-          TrainResult r = train(c, shapes[i], opts);
-          if (c.rank() == 0) step_ms[i].push_back(r.median_step_ms);
-        });
-    HardwareProfile rest_hw = hw;  // GEMMs, copies and exchanges only
-    rest_hw.memory_gbps = 1e12;
-    rest_hw.op_overhead_us = 0;
-    // Normal equations of min sum_i ((rest_i + ops_i x + bytes_i y) / measured_i - 1)^2.
-    double n00 = 0, n01 = 0, n11 = 0, r0 = 0, r1 = 0;
-    for (size_t i = 0; i < shapes.size(); ++i) {
-      const StepCost cost = step_cost(shapes[i], world);
-      double ops = 0, bytes = 0;
-      for (const auto& p : cost.phases) {
-        ops += double(p.ops);
-        if (!p.streaming) bytes += double(p.memory_bytes);
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        run(shapes[i], world, step_ms[i]);
+        if (cores > 1) run(shapes[i], 1, single_ms[i]);
       }
-      const double measured = median(step_ms[i]) * 1e-3;
-      const double rest = predict_step(cost, rest_hw).step_ms * 1e-3;
-      const double a0 = ops / measured, a1 = bytes / measured, b = 1.0 - rest / measured;
-      n00 += a0 * a0, n01 += a0 * a1, n11 += a1 * a1, r0 += a0 * b, r1 += a1 * b;
-      std::cout << "calibration shape d_model " << shapes[i].model.d_model << " (" << world
-                << " thread ranks): step " << measured * 1e3
-                << " ms, of which GEMMs, copies and exchanges " << rest * 1e3 << " ms"
-                << std::endl;
+    // The step time the model predicts is linear in op overhead, seconds per
+    // element-wise byte and collective latency, for a given GEMM speedup of a
+    // rank on several cores: for each speedup on a grid, solve the linear
+    // least squares (relative errors, all runs), keep the best.
+    struct Run {
+      StepCost cost;
+      double measured_s;
+    };
+    std::vector<Run> runs;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      runs.push_back({step_cost(shapes[i], world), median(step_ms[i]) * 1e-3});
+      if (cores > 1) runs.push_back({step_cost(shapes[i], 1), median(single_ms[i]) * 1e-3});
     }
-    const double det = n00 * n11 - n01 * n01;
-    double op_s = hw.op_overhead_us * 1e-6, per_byte = 0;
-    if (std::abs(det) > 0) {
-      op_s = (r0 * n11 - n01 * r1) / det;
-      per_byte = (n00 * r1 - n01 * r0) / det;
+    auto with = [](HardwareProfile h, double op_us, double gbps, double latency_us,
+                   double speedup) {
+      h.op_overhead_us = op_us;
+      h.memory_gbps = gbps;
+      h.intra_node.latency_us = h.inter_node.latency_us = latency_us;
+      h.multicore_gemm_speedup = speedup;
+      return h;
+    };
+    const double op_floor_us = hw.op_overhead_us, measured_latency_us = hw.intra_node.latency_us;
+    double best_err = 1e300;
+    HardwareProfile best = hw;
+    for (double speedup = 1.0; speedup <= double(std::max(1, cores)) + 1e-9; speedup += 0.02) {
+      // Features: seconds per unit of each parameter, and the rest.
+      double n[3][3] = {{0}}, r[3] = {0};
+      for (const Run& run : runs) {
+        auto t = [&](const HardwareProfile& h) { return predict_step(run.cost, h).step_ms * 1e-3; };
+        const double rest = t(with(hw, 0, 1e15, 0, speedup));
+        const double f[3] = {t(with(hw, 1, 1e15, 0, speedup)) - rest,      // per us of op overhead
+                             t(with(hw, 0, 1, 0, speedup)) - rest,         // per s/GB element-wise
+                             t(with(hw, 0, 1e15, 1, speedup)) - rest};     // per us of latency
+        const double b = 1.0 - rest / run.measured_s;
+        for (int a = 0; a < 3; ++a) {
+          r[a] += f[a] / run.measured_s * b;
+          for (int c = 0; c < 3; ++c) n[a][c] += f[a] * f[c] / (run.measured_s * run.measured_s);
+        }
+      }
+      // Solve the 3x3 normal equations (Cramer's rule).
+      auto det3 = [](const double m[3][3]) {
+        return m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) -
+               m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0]) +
+               m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+      };
+      const double d = det3(n);
+      if (std::abs(d) < 1e-300) continue;
+      double x[3];
+      for (int col = 0; col < 3; ++col) {
+        double m[3][3];
+        for (int a = 0; a < 3; ++a)
+          for (int c = 0; c < 3; ++c) m[a][c] = c == col ? r[a] : n[a][c];
+        x[col] = det3(m) / d;
+      }
+      // Physical bounds: the micro-benchmarked op overhead is a floor, the
+      // latency is not negative, element-wise time is positive.
+      const double op_us = std::max(op_floor_us, x[0]);
+      const double latency_us = std::max(0.0, x[2]);
+      if (x[1] <= 0) continue;
+      const HardwareProfile trial = with(hw, op_us, 1.0 / x[1], latency_us, speedup);
+      double err = 0;
+      for (const Run& run : runs) {
+        const double rel = predict_step(run.cost, trial).step_ms * 1e-3 / run.measured_s - 1;
+        err += rel * rel;
+      }
+      if (err < best_err) best_err = err, best = trial;
     }
-    // The micro-benchmark's overhead is a floor: noise must not make it vanish.
-    if (op_s < hw.op_overhead_us * 1e-6 || per_byte <= 0) {
-      op_s = hw.op_overhead_us * 1e-6;
-      per_byte = std::max(1e-15, (r1 - n01 * op_s) / n11);
+    hw = best;
+    std::cout << "fitted: op overhead " << hw.op_overhead_us << " us (micro-benchmark "
+              << op_floor_us << "), element-wise math " << hw.memory_gbps
+              << " GB/s, collective latency " << hw.intra_node.latency_us << " us (micro-benchmark "
+              << measured_latency_us << "), GEMM speedup of one rank on " << cores << " cores x"
+              << hw.multicore_gemm_speedup << std::endl;
+    std::cout << "the fit (predicted vs measured step):";
+    for (size_t i = 0; i < runs.size(); ++i) {
+      const double predicted = predict_step(runs[i].cost, hw).step_ms * 1e-3;
+      std::cout << " d" << shapes[i / (cores > 1 ? 2 : 1)].model.d_model << "/"
+                << runs[i].cost.world << "r " << std::showpos
+                << std::lround(100.0 * (predicted - runs[i].measured_s) / runs[i].measured_s)
+                << std::noshowpos << "%";
     }
-    hw.op_overhead_us = op_s * 1e6;
-    hw.memory_gbps = 1.0 / per_byte / 1e9;
-    std::cout << "fitted: op overhead " << hw.op_overhead_us << " us, element-wise math "
-              << hw.memory_gbps << " GB/s" << std::endl;
+    std::cout << std::endl;
   }
 
   char host[256] = "unknown";
