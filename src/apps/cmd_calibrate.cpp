@@ -149,11 +149,11 @@ int run_calibrate(const BenchArgs& args) {
 
   // Element-wise work in a real step is far from streaming speed (softmax,
   // strided rotary halves, small tensors), and a real op costs more than the
-  // tiny one timed above. Both are fitted (least squares on relative error)
-  // so that the model reproduces short training runs of four calibration
-  // shapes (d_model 64 to 256; one core per rank: world = cores, EP = world),
-  // everything else as measured above:
-  //   measured_i = rest_i + ops_i x op_overhead + bytes_i / memory_gbps.
+  // tiny one timed above: the element-wise rate, the per-collective latency
+  // and the GEMM speedup of one rank on every core are fitted (least squares
+  // on relative error) so that the model reproduces short training runs of
+  // four calibration shapes (d_model 64 to 256) at world = cores and at one
+  // rank, everything else as measured above.
   {
     const int world = std::max(2, cores);
     // d_model, seq_len, batch, experts, d_expert, vocab: common widths, mixed so
@@ -166,12 +166,12 @@ int run_calibrate(const BenchArgs& args) {
     for (const auto& [d, seq, batch, experts, hidden, vocab] : dims)
       shapes.push_back(default_config(
           {"model.layers=2", "model.heads=4", "moe.top_k=2", "moe.capacity_factor=1.25",
-           "train.steps=16", "train.warmup=2", "data.kind=synthetic",
+           "train.steps=12", "train.warmup=2", "data.kind=synthetic",
            "model.d_model=" + std::to_string(d), "model.d_ff=" + std::to_string(4 * d),
            "model.seq_len=" + std::to_string(seq), "train.batch=" + std::to_string(batch),
            "moe.experts=" + std::to_string(experts), "moe.d_expert=" + std::to_string(hidden),
            "model.vocab=" + std::to_string(vocab)}));
-    // Three interleaved runs of each shape, at `world` ranks and at one rank
+    // Five interleaved runs of each shape, at `world` ranks and at one rank
     // on every core; the median run's median step.
     std::vector<std::vector<double>> step_ms(shapes.size()), single_ms(shapes.size());
     auto run = [&](const Config& cfg, int ranks, std::vector<double>& into) {
@@ -182,15 +182,17 @@ int run_calibrate(const BenchArgs& args) {
         if (c.rank() == 0) into.push_back(r.median_step_ms);
       });
     };
-    for (int rep = 0; rep < 3; ++rep)
+    for (int rep = 0; rep < 5; ++rep)
       for (size_t i = 0; i < shapes.size(); ++i) {
         run(shapes[i], world, step_ms[i]);
         if (cores > 1) run(shapes[i], 1, single_ms[i]);
       }
-    // The step time the model predicts is linear in op overhead, seconds per
-    // element-wise byte and collective latency, for a given GEMM speedup of a
-    // rank on several cores: for each speedup on a grid, solve the linear
-    // least squares (relative errors, all runs), keep the best.
+    // The step time the model predicts is linear in seconds per element-wise
+    // byte and in collective latency, for a given GEMM speedup of a rank on
+    // several cores (op overhead stays as micro-benchmarked: fitting it too
+    // lets run-to-run noise trade it against the others): for each speedup
+    // on a grid, solve the linear least squares (relative errors, all runs)
+    // and keep the best.
     struct Run {
       StepCost cost;
       double measured_s;
@@ -200,53 +202,31 @@ int run_calibrate(const BenchArgs& args) {
       runs.push_back({step_cost(shapes[i], world), median(step_ms[i]) * 1e-3});
       if (cores > 1) runs.push_back({step_cost(shapes[i], 1), median(single_ms[i]) * 1e-3});
     }
-    auto with = [](HardwareProfile h, double op_us, double gbps, double latency_us,
-                   double speedup) {
-      h.op_overhead_us = op_us;
+    auto with = [](HardwareProfile h, double gbps, double latency_us, double speedup) {
       h.memory_gbps = gbps;
       h.intra_node.latency_us = h.inter_node.latency_us = latency_us;
       h.multicore_gemm_speedup = speedup;
       return h;
     };
-    const double op_floor_us = hw.op_overhead_us, measured_latency_us = hw.intra_node.latency_us;
+    const double measured_latency_us = hw.intra_node.latency_us;
     double best_err = 1e300;
     HardwareProfile best = hw;
     for (double speedup = 1.0; speedup <= double(std::max(1, cores)) + 1e-9; speedup += 0.02) {
-      // Features: seconds per unit of each parameter, and the rest.
-      double n[3][3] = {{0}}, r[3] = {0};
+      double n00 = 0, n01 = 0, n11 = 0, r0 = 0, r1 = 0;
       for (const Run& run : runs) {
         auto t = [&](const HardwareProfile& h) { return predict_step(run.cost, h).step_ms * 1e-3; };
-        const double rest = t(with(hw, 0, 1e15, 0, speedup));
-        const double f[3] = {t(with(hw, 1, 1e15, 0, speedup)) - rest,      // per us of op overhead
-                             t(with(hw, 0, 1, 0, speedup)) - rest,         // per s/GB element-wise
-                             t(with(hw, 0, 1e15, 1, speedup)) - rest};     // per us of latency
+        const double rest = t(with(hw, 1e15, 0, speedup));
+        const double a0 = (t(with(hw, 1, 0, speedup)) - rest) / run.measured_s;     // per s/GB
+        const double a1 = (t(with(hw, 1e15, 1, speedup)) - rest) / run.measured_s;  // per us
         const double b = 1.0 - rest / run.measured_s;
-        for (int a = 0; a < 3; ++a) {
-          r[a] += f[a] / run.measured_s * b;
-          for (int c = 0; c < 3; ++c) n[a][c] += f[a] * f[c] / (run.measured_s * run.measured_s);
-        }
+        n00 += a0 * a0, n01 += a0 * a1, n11 += a1 * a1, r0 += a0 * b, r1 += a1 * b;
       }
-      // Solve the 3x3 normal equations (Cramer's rule).
-      auto det3 = [](const double m[3][3]) {
-        return m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) -
-               m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0]) +
-               m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
-      };
-      const double d = det3(n);
-      if (std::abs(d) < 1e-300) continue;
-      double x[3];
-      for (int col = 0; col < 3; ++col) {
-        double m[3][3];
-        for (int a = 0; a < 3; ++a)
-          for (int c = 0; c < 3; ++c) m[a][c] = c == col ? r[a] : n[a][c];
-        x[col] = det3(m) / d;
-      }
-      // Physical bounds: the micro-benchmarked op overhead is a floor, the
-      // latency is not negative, element-wise time is positive.
-      const double op_us = std::max(op_floor_us, x[0]);
-      const double latency_us = std::max(0.0, x[2]);
-      if (x[1] <= 0) continue;
-      const HardwareProfile trial = with(hw, op_us, 1.0 / x[1], latency_us, speedup);
+      const double det = n00 * n11 - n01 * n01;
+      if (std::abs(det) < 1e-300) continue;
+      double per_gb = (r0 * n11 - n01 * r1) / det, latency_us = (n00 * r1 - n01 * r0) / det;
+      if (latency_us < 0) latency_us = 0, per_gb = r0 / n00;  // latency is not negative
+      if (per_gb <= 0) continue;
+      const HardwareProfile trial = with(hw, 1.0 / per_gb, latency_us, speedup);
       double err = 0;
       for (const Run& run : runs) {
         const double rel = predict_step(run.cost, trial).step_ms * 1e-3 / run.measured_s - 1;
@@ -255,8 +235,7 @@ int run_calibrate(const BenchArgs& args) {
       if (err < best_err) best_err = err, best = trial;
     }
     hw = best;
-    std::cout << "fitted: op overhead " << hw.op_overhead_us << " us (micro-benchmark "
-              << op_floor_us << "), element-wise math " << hw.memory_gbps
+    std::cout << "fitted: element-wise math " << hw.memory_gbps
               << " GB/s, collective latency " << hw.intra_node.latency_us << " us (micro-benchmark "
               << measured_latency_us << "), GEMM speedup of one rank on " << cores << " cores x"
               << hw.multicore_gemm_speedup << std::endl;

@@ -206,7 +206,10 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
     const int64_t segments = s.ep > 1 ? EL * s.ep : s.E;
     experts.gemms.push_back({rows, s.H, s.D, segments, (s.act_mats - 1) * Lm * R});  // w1 (w3)
     experts.gemms.push_back({rows, s.D, s.H, segments, Lm * R});                      // w2
-    experts.memory_bytes = Lm * R * eb * (21 * rows * s.H + 4 * rows * s.D);
+    // Activation math ~21 passes over [rows, H]; the backward also zeroes and
+    // fills weight gradients the size of the local experts (~3 passes).
+    experts.memory_bytes =
+        Lm * R * eb * (21 * rows * s.H + 4 * rows * s.D + 3 * EL * s.act_mats * s.D * s.H);
     experts.ops = Lm * R * (segments * 21 + 4);
     if (s.shared_H > 0) {
       experts.gemms.push_back({s.T, s.shared_H, s.D, 1, (s.act_mats - 1) * Lm * R});
