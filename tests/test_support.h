@@ -7,9 +7,11 @@
 
 namespace moe::testing_support {
 
-// Runs `build/bin/moe ARGS` (stderr merged into stdout); returns the exit code.
-inline int run_moe(const std::string& args, std::string* output = nullptr) {
-  std::string cmd = std::string(MOE_BINARY) + " " + args + " 2>&1";
+// Runs `ENV build/bin/moe ARGS` (stderr merged into stdout); returns the exit
+// code. `env` is a shell prefix such as "MOE_CPU_CACHE_MB=0".
+inline int run_moe(const std::string& args, std::string* output = nullptr,
+                   const std::string& env = "") {
+  std::string cmd = env + (env.empty() ? "" : " ") + std::string(MOE_BINARY) + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   std::string out;
   char buf[4096];

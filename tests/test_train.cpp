@@ -7,6 +7,8 @@
 
 #include <cstdio>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "moe/comm/thread_comm.h"
@@ -427,22 +429,116 @@ std::string write_sweep(const std::string& name, const std::string& body) {
 TEST(Sweep, TwoPointsEndToEndThenResumeSkipsThem) {
   std::string sweep = write_sweep("sweep2",
                                   "ranks: 2\nsteps: 3\noverrides: [train.log_every=1000]\n"
+                                  "hardware: " MOE_SOURCE_DIR "/configs/hardware/cpu-local.yaml\n"
                                   "grid:\n  moe.capacity_factor: [0, 1.0]\n");
   std::string out_dir = fresh_dir("sweep_out"), out;
   ASSERT_EQ(run_moe("sweep " + sweep + " --out " + out_dir, &out), 0) << out;
   EXPECT_NE(out.find("2 ran, 0 skipped"), std::string::npos) << out;
+  EXPECT_NE(out.find("(predicted "), std::string::npos) << out;
   std::ifstream csv(out_dir + "/results.csv");
   std::string header, row1, row2, extra;
   std::getline(csv, header);
   std::getline(csv, row1);
   std::getline(csv, row2);
   EXPECT_FALSE(std::getline(csv, extra));
-  EXPECT_NE(header.find("moe.capacity_factor"), std::string::npos) << header;
-  EXPECT_NE(header.find("tokens_per_s"), std::string::npos) << header;
-  EXPECT_NE(row1.find(",ok,2,0,"), std::string::npos) << row1;
-  EXPECT_NE(row2.find(",ok,2,1.0,"), std::string::npos) << row2;
+  EXPECT_EQ(header.rfind("point,status,launcher,ranks,ep,dp,moe.capacity_factor,tokens_per_s,"
+                         "measured_step_ms,predicted_step_ms,error_pct,",
+                         0),
+            0u)
+      << header;
+  EXPECT_NE(row1.find(",ok,thread,2,2,1,0,"), std::string::npos) << row1;
+  EXPECT_NE(row2.find(",ok,thread,2,2,1,1.0,"), std::string::npos) << row2;
+  // Every finished point has its prediction beside its measurement.
+  std::ifstream jsonl(out_dir + "/results.jsonl");
+  int rows = 0;
+  for (std::string line; std::getline(jsonl, line); ++rows) {
+    auto r = nlohmann::json::parse(line);
+    EXPECT_GT(r["measured_step_ms"].get<double>(), 0) << line;
+    EXPECT_GT(r["predicted_step_ms"].get<double>(), 0) << line;
+    EXPECT_GT(r["memory_estimate_mib"].get<double>(), 0) << line;
+    EXPECT_GT(r["peak_rss_mib"].get<double>(), 0) << line;
+    EXPECT_TRUE(r.contains("predicted_experts_ms")) << line;
+  }
+  EXPECT_EQ(rows, 2);
   ASSERT_EQ(run_moe("sweep " + sweep + " --out " + out_dir, &out), 0) << out;
   EXPECT_NE(out.find("0 ran, 2 skipped"), std::string::npos) << out;
+}
+
+#if MOE_HAVE_MPI
+// The same point under threads and under mpirun trains the same model.
+TEST(Sweep, LauncherAsAGridKeyThreadsAndMpirunAgree) {
+  std::string sweep = write_sweep("sweep_launch",
+                                  "ranks: 2\nsteps: 3\noverrides: [train.log_every=1000]\n"
+                                  "grid:\n  launcher: [thread, mpirun]\n");
+  std::string out_dir = fresh_dir("sweep_launch_out"), out;
+  ASSERT_EQ(run_moe("sweep " + sweep + " --out " + out_dir, &out), 0) << out;
+  std::ifstream jsonl(out_dir + "/results.jsonl");
+  std::vector<nlohmann::json> rows;
+  for (std::string line; std::getline(jsonl, line);) rows.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0]["launcher"], "thread");
+  EXPECT_EQ(rows[1]["launcher"], "mpirun");
+  EXPECT_EQ(rows[0]["ep"], 2);
+  EXPECT_NEAR(rows[0]["final_loss"].get<double>(), rows[1]["final_loss"].get<double>(), 1e-5);
+}
+#endif
+
+// --predict runs nothing: the projection of every point, invalid grid corners skipped.
+TEST(Sweep, PredictProjectsEveryValidPointWithoutRunning) {
+  std::string out_dir = fresh_dir("predict_out"), out;
+  ASSERT_EQ(run_moe("sweep " MOE_SOURCE_DIR "/configs/scaling/project-deepseek.yaml --predict --out " +
+                        out_dir,
+                    &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("ranks=8__parallel.ep=64"), std::string::npos) << out;
+  EXPECT_NE(out.find("invalid, skipped"), std::string::npos) << out;
+  EXPECT_NE(out.find("MFU"), std::string::npos) << out;
+  std::ifstream csv(out_dir + "/predictions.csv");
+  std::string header, line;
+  std::getline(csv, header);
+  EXPECT_NE(header.find("tokens_per_s,mfu,all_to_all_share"), std::string::npos) << header;
+  std::map<std::string, double> a2a_share;
+  int rows = 0;
+  for (; std::getline(csv, line); ++rows) {
+    std::stringstream ss(line);
+    std::vector<std::string> f;
+    for (std::string cell; std::getline(ss, cell, ',');) f.push_back(cell);
+    ASSERT_GE(f.size(), 9u) << line;
+    a2a_share[f[0]] = std::stod(f[8]);
+  }
+  EXPECT_EQ(rows, 13);  // 8 worlds x 2 EP sizes, minus EP 64 on 8, 16 and 32 GPUs
+  // EP 64 sends most rows off the node; EP 8 keeps them on NVLink.
+  EXPECT_GT(a2a_share["ranks=64__parallel.ep=64"], a2a_share["ranks=64__parallel.ep=8"]);
+  EXPECT_EQ(run_moe("sweep " MOE_SOURCE_DIR "/configs/scaling/ep.yaml --predict --out " +
+                        fresh_dir("predict_cpu"),
+                    &out),
+            0)
+      << out;
+}
+
+// Strong scaling: global_batch fixes the sequences per step over all ranks.
+TEST(Sweep, GlobalBatchSplitsOverTheRanks) {
+  std::string sweep = write_sweep(
+      "sweep_strong", "global_batch: 8\nhardware: " MOE_SOURCE_DIR
+                      "/configs/hardware/cpu-local.yaml\ngrid:\n  ranks: [1, 2, 4, 3]\n");
+  std::string out_dir = fresh_dir("strong_out"), out;
+  ASSERT_EQ(run_moe("sweep " + sweep + " --predict --out " + out_dir, &out), 0) << out;
+  EXPECT_NE(out.find("global_batch 8 is not divisible by ranks x train.grad_accum = 3"),
+            std::string::npos)
+      << out;
+  std::ifstream csv(out_dir + "/predictions.csv");
+  std::string line;
+  std::getline(csv, line);
+  std::vector<std::string> tokens;
+  while (std::getline(csv, line)) {
+    std::stringstream ss(line);
+    std::vector<std::string> f;
+    for (std::string cell; std::getline(ss, cell, ',');) f.push_back(cell);
+    tokens.push_back(f[4]);
+  }
+  // tiny.yaml: 32-token sequences; 8, 4 and 2 sequences per rank.
+  EXPECT_EQ(tokens, (std::vector<std::string>{"256", "128", "64"}));
 }
 
 TEST(Sweep, FailedPointIsRecordedAndTheSweepGoesOn) {
@@ -468,6 +564,10 @@ TEST(Sweep, BadSweepFilesAreConfigErrorsNamingTheKey) {
            {"gird:\n  moe.top_k: [1]\n", "did you mean 'grid'"},
            {"grid:\n  moe.nosuch: [1]\n", "moe.nosuch"},
            {"grid:\n  moe.top_k: [99]\n", "moe.top_k = 99"},
+           {"grid:\n  launcher: [thread, slurm]\n", "grid key 'launcher' has value 'slurm'"},
+           {"grid:\n  ranks: [2, 0]\n", "grid key 'ranks' has value '0'"},
+           {"global_batch: -4\ngrid:\n  ranks: [1]\n", "'global_batch' = -4"},
+           {"hardware: /nonexistent.yaml\ngrid:\n  ranks: [1]\n", "cannot open hardware profile"},
        }) {
     std::string out;
     EXPECT_EQ(

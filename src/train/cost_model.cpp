@@ -273,20 +273,25 @@ MemoryEstimate estimate_memory(const Config& cfg, int world) {
   m.params = 4 * (pc.shared + pc.expert);
   m.grads = m.params;
   m.optimizer = 2 * m.params;  // AdamW: first and second moments
-  // Tensors autograd keeps for backward, one micro-batch (fp32): per block
-  // ~11 [T, D] and 2 score tensors; dense MLP 4 [T, F]; MoE layer: router
-  // tensors, expert inputs, hidden and combine buffers; head: normed input,
-  // logits, log-probabilities and the logits' gradient.
+  // Tensors autograd keeps for backward, one micro-batch (fp32), counted from
+  // the code: per block the residual, two norm outputs each, qkv, rotated q
+  // and k, a contiguous k^T, the attention output (~11 [T, D]) and the
+  // softmax output; a dense MLP's 4 [T, F]; an MoE layer's router tensors,
+  // received rows, expert hidden pair and combined rows; the head's normed
+  // input, logits and log-probabilities. The peak comes early in backward,
+  // when the top block's gradients (scores: ~3, [T, D]: ~4, logits: ~2) are
+  // alive too.
   const int64_t TD = s.T * s.D, scores = s.B * s.heads * s.S * s.S;
   const bool dropless = cfg.moe.capacity_factor <= 0;
   const int64_t C = dropless ? 0
                              : expert_capacity(s.T, s.k, s.E, cfg.moe.capacity_factor,
                                                cfg.moe.min_capacity);
   const int64_t recv_rows = dropless || s.ep == 1 ? s.T * s.k : s.E * C;
-  int64_t elems = s.L * (11 * TD + 2 * scores) + s.dense_layers * 4 * s.T * s.dense_width;
+  int64_t elems = s.L * (11 * TD + scores) + s.dense_layers * 4 * s.T * s.dense_width;
   elems += s.moe_layers * (TD + 6 * s.T * s.E + 3 * recv_rows * s.D + 2 * recv_rows * s.H +
                            (s.shared_H > 0 ? TD + 3 * s.T * s.shared_H : 0));
-  elems += 2 * TD + 3 * s.T * s.V;
+  elems += 2 * TD + 2 * s.T * s.V;
+  elems += 3 * scores + 4 * TD + 2 * s.T * s.V;  // backward transients
   m.activations = 4 * elems;
   return m;
 }

@@ -247,8 +247,15 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     for (size_t p = 0; p < phases; ++p) result.median_phase_ms.push_back(median_of(p));
     result.median_step_ms = median_of(phases);
   }
+  const int ranks_here = world.backend_name() == "thread" ? W : 1;
+  if (lead && !opts.quiet) {
+    // Thread ranks share the process: its RSS holds every rank's memory (and
+    // the caching allocator's idle blocks, MOE_CPU_CACHE_MB).
+    MOE_LOG(Info) << "memory: estimate " << (memory.total() >> 20) << " MiB per rank x "
+                  << ranks_here << " rank(s) in this process; its peak RSS grew "
+                  << ((peak_rss_bytes() - rss_at_start) >> 20) << " MiB during the run";
+  }
   if (lead && !opts.out_dir.empty()) {
-    const int ranks_here = world.backend_name() == "thread" ? W : 1;
     nlohmann::json mem = {{"params_bytes", memory.params},
                           {"grads_bytes", memory.grads},
                           {"optimizer_bytes", memory.optimizer},
