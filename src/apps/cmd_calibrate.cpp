@@ -11,6 +11,7 @@
 #include <ctime>
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "moe/apps/commands.h"
@@ -20,7 +21,6 @@
 #include "moe/core/threads.h"
 #include "moe/core/timer.h"
 #include "moe/train/cost_model.h"
-#include "moe/train/trainer.h"
 
 namespace moe::apps {
 
@@ -45,6 +45,23 @@ double gemm_gflops(int64_t n) {
   torch::Tensor a = torch::randn({n, n}), b = torch::randn({n, n}), c = torch::empty({n, n});
   const double s = time_median([&] { at::mm_out(c, a, b); });
   return 2.0 * double(n * n * n) / s / 1e9;
+}
+
+// L2 plus this core's share of the last-level cache, from sysfs (0 if unknown).
+double cache_mib_per_core(int cores) {
+  double l2 = 0, last = 0;
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    std::ifstream level_in(dir + "/level"), size_in(dir + "/size");
+    int level = 0;
+    std::string size;
+    if (!(level_in >> level) || !(size_in >> size) || size.empty()) continue;
+    double kib = std::atof(size.c_str());
+    if (size.back() == 'M') kib *= 1024;
+    if (level == 2) l2 = kib / 1024;
+    if (level >= 3) last = kib / 1024;
+  }
+  return l2 + last / std::max(1, cores);
 }
 
 std::string cpu_model() {
@@ -97,17 +114,33 @@ int run_calibrate(const BenchArgs& args) {
               << " (median of " << ratios.size() << ")" << std::endl;
   }
 
-  // Streaming: c = a * b at two sizes past the caches (parameter-sized
-  // tensors: optimizer, gradient buckets); the slope is the bandwidth.
+  // Plain passes: c = a * b, the slope between two sizes, inside the cache
+  // and well past it; the cache a rank can count on (its L2 and its share of
+  // the last level). Transcendentals: SiLU, sigmoid and exp per element.
   auto mul_time = [](int64_t n) {
     torch::Tensor a = torch::rand({n}), b = torch::rand({n}), c = torch::empty({n});
     return time_median([&] { at::mul_out(c, a, b); });
   };
-  const int64_t n1 = 1 << 20, n2 = 1 << 22;
-  const double t1 = mul_time(n1), t2 = mul_time(n2);
-  hw.stream_gbps = 3.0 * 4.0 * double(n2 - n1) / std::max(1e-9, t2 - t1) / 1e9;
-  hw.memory_gbps = hw.stream_gbps;
-  std::cout << "element-wise streaming: " << hw.stream_gbps << " GB/s" << std::endl;
+  auto slope_gbps = [&](int64_t n1, int64_t n2) {
+    return 3.0 * 4.0 * double(n2 - n1) / std::max(1e-9, mul_time(n2) - mul_time(n1)) / 1e9;
+  };
+  hw.cache_gbps = slope_gbps(1 << 12, 1 << 16);
+  hw.stream_gbps = slope_gbps(1 << 22, 1 << 24);
+  hw.memory_gbps = hw.stream_gbps;  // refitted below
+  hw.cache_mib = cache_mib_per_core(cores);
+  {
+    torch::Tensor a = torch::rand({1 << 18});
+    std::vector<double> rates;
+    for (int rep = 0; rep < 3; ++rep) {
+      rates.push_back(double(a.numel()) / time_median([&] { auto y = torch::silu(a); }) / 1e9);
+      rates.push_back(double(a.numel()) / time_median([&] { auto y = torch::sigmoid(a); }) / 1e9);
+      rates.push_back(double(a.numel()) / time_median([&] { auto y = torch::exp(a); }) / 1e9);
+    }
+    hw.transcendental_gelems = median(rates);
+  }
+  std::cout << "plain passes: " << hw.cache_gbps << " GB/s in cache (" << hw.cache_mib
+            << " MiB per core), " << hw.stream_gbps << " GB/s from memory; exp/sigmoid/SiLU "
+            << hw.transcendental_gelems << " G elements/s" << std::endl;
 
   // Op overhead: a chain of tiny differentiable ops, forward and backward.
   {
@@ -149,11 +182,10 @@ int run_calibrate(const BenchArgs& args) {
 
   // Element-wise work in a real step is far from streaming speed (softmax,
   // strided rotary halves, small tensors), and a real op costs more than the
-  // tiny one timed above: the element-wise rate, the per-collective latency
-  // and the GEMM speedup of one rank on every core are fitted (least squares
-  // on relative error) so that the model reproduces short training runs of
-  // four calibration shapes (d_model 64 to 256) at world = cores and at one
-  // rank, everything else as measured above.
+  // tiny one timed above: the attention block's element-wise rate, the
+  // per-collective latency and the GEMM speedup of one rank on every core are
+  // fitted to short training runs of four calibration shapes (d_model 64 to
+  // 256) at world = cores and at one rank, everything else as measured above.
   {
     const int world = std::max(2, cores);
     // d_model, seq_len, batch, experts, d_expert, vocab: common widths, mixed so
@@ -166,87 +198,143 @@ int run_calibrate(const BenchArgs& args) {
     for (const auto& [d, seq, batch, experts, hidden, vocab] : dims)
       shapes.push_back(default_config(
           {"model.layers=2", "model.heads=4", "moe.top_k=2", "moe.capacity_factor=1.25",
-           "train.steps=12", "train.warmup=2", "data.kind=synthetic",
+           "train.steps=12", "train.warmup=2", "train.log_every=1000", "data.kind=synthetic",
            "model.d_model=" + std::to_string(d), "model.d_ff=" + std::to_string(4 * d),
            "model.seq_len=" + std::to_string(seq), "train.batch=" + std::to_string(batch),
            "moe.experts=" + std::to_string(experts), "moe.d_expert=" + std::to_string(hidden),
            "model.vocab=" + std::to_string(vocab)}));
-    // Five interleaved runs of each shape, at `world` ranks and at one rank
-    // on every core; the median run's median step.
-    std::vector<std::vector<double>> step_ms(shapes.size()), single_ms(shapes.size());
-    auto run = [&](const Config& cfg, int ranks, std::vector<double>& into) {
-      comm::run_ranks(ranks, 60.0, [&](comm::Communicator& c) {
-        TrainOptions opts;
-        opts.quiet = true;
-        TrainResult r = train(c, cfg, opts);
-        if (c.rank() == 0) into.push_back(r.median_step_ms);
-      });
-    };
-    for (int rep = 0; rep < 5; ++rep)
-      for (size_t i = 0; i < shapes.size(); ++i) {
-        run(shapes[i], world, step_ms[i]);
-        if (cores > 1) run(shapes[i], 1, single_ms[i]);
+    // Three interleaved runs of each shape, at `world` ranks and at one rank
+    // on every core, each a fresh `moe train` process as a sweep point is
+    // (in this process, BLAS worker threads left spinning by one run would
+    // slow the next); the median run's median step.
+    char dir_template[] = "/tmp/moe-calibrate-XXXXXX";
+    const char* tmp = ::mkdtemp(dir_template);
+    MOE_CHECK(tmp != nullptr, "calibrate: cannot create a temporary directory under /tmp");
+    const std::string dir = tmp, self = self_executable();
+    // A run's medians: the step, then each phase's slowest rank (step_phase_names() order).
+    using Medians = std::vector<double>;
+    std::vector<std::vector<Medians>> multi(shapes.size()), single(shapes.size());
+    auto run = [&](size_t shape, int ranks, std::vector<Medians>& into) {
+      const std::string config = dir + "/shape" + std::to_string(shape) + ".yaml";
+      std::ofstream(config) << dump_config(shapes[shape]);
+      const std::string out = dir + "/run";
+      std::system(("rm -rf " + shell_quote(out)).c_str());
+      const std::string cmd = shell_quote(self) + " train " + shell_quote(config) + " --ranks " +
+                              std::to_string(ranks) + " --out " + shell_quote(out) + " > " +
+                              shell_quote(dir + "/log") + " 2>&1";
+      MOE_CHECK(std::system(cmd.c_str()) == 0,
+                "calibrate: the training run " << cmd << " failed (see " << dir << "/log)");
+      std::ifstream metrics(out + "/metrics.jsonl");
+      const auto& names = step_phase_names();
+      std::vector<std::vector<double>> columns(1 + names.size());
+      bool first = true;
+      for (std::string line; std::getline(metrics, line);) {
+        if (line.empty()) continue;
+        if (first) {  // warm-up
+          first = false;
+          continue;
+        }
+        const auto j = nlohmann::json::parse(line);
+        columns[0].push_back(j["step_ms"].get<double>());
+        for (size_t p = 0; p < names.size(); ++p)
+          columns[1 + p].push_back(j["phase_ms_max"][names[p]].get<double>());
       }
-    // The step time the model predicts is linear in seconds per element-wise
-    // byte and in collective latency, for a given GEMM speedup of a rank on
-    // several cores (op overhead stays as micro-benchmarked: fitting it too
-    // lets run-to-run noise trade it against the others): for each speedup
-    // on a grid, solve the linear least squares (relative errors, all runs)
-    // and keep the best.
-    struct Run {
-      StepCost cost;
-      double measured_s;
+      MOE_CHECK(!columns[0].empty(), "calibrate: " << out << "/metrics.jsonl has no timed steps");
+      Medians m;
+      for (const auto& c : columns) m.push_back(median(c));
+      into.push_back(m);
     };
-    std::vector<Run> runs;
-    for (size_t i = 0; i < shapes.size(); ++i) {
-      runs.push_back({step_cost(shapes[i], world), median(step_ms[i]) * 1e-3});
-      if (cores > 1) runs.push_back({step_cost(shapes[i], 1), median(single_ms[i]) * 1e-3});
-    }
-    auto with = [](HardwareProfile h, double gbps, double latency_us, double speedup) {
-      h.memory_gbps = gbps;
-      h.intra_node.latency_us = h.inter_node.latency_us = latency_us;
-      h.multicore_gemm_speedup = speedup;
-      return h;
+    for (int rep = 0; rep < 3; ++rep)
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        run(i, world, multi[i]);
+        if (cores > 1) run(i, 1, single[i]);
+      }
+    std::system(("rm -rf " + shell_quote(dir)).c_str());
+    // Each parameter is fitted on the measured phases it governs (least
+    // squares on relative error; the model is linear in each):
+    //   memory_gbps  <- attention_dense of the multi-rank runs,
+    //   latency      <- dispatch + combine + grad_sync + router (the phases
+    //                   with collectives, rank skew included) of the same runs,
+    //   GEMM speedup <- whole steps of the single-rank runs (scanned).
+    // Medians over the repetitions, per shape.
+    const auto& names = step_phase_names();
+    auto median_of = [&](const std::vector<Medians>& reps, size_t column) {
+      std::vector<double> v;
+      for (const auto& r : reps) v.push_back(r[column]);
+      return median(v);
+    };
+    auto phase_index = [&](const std::string& name) {
+      return size_t(std::find(names.begin(), names.end(), name) - names.begin());
+    };
+    // Predicted ms of a set of phases under a profile.
+    auto predicted = [&](const StepCost& cost, const HardwareProfile& h,
+                         const std::vector<std::string>& phases) {
+      const StepPrediction pr = predict_step(cost, h);
+      double ms = 0;
+      for (const auto& [name, v] : pr.phase_ms)
+        if (std::find(phases.begin(), phases.end(), name) != phases.end()) ms += v;
+      return ms;
+    };
+    // One-parameter least squares: measured_i ~ rest_i + x f_i, relative errors.
+    auto fit_linear = [&](const std::vector<std::string>& phases, auto set, double fallback) {
+      double num = 0, den = 0;
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        const StepCost cost = step_cost(shapes[i], world);
+        double measured = 0;
+        for (const auto& ph : phases) measured += median_of(multi[i], 1 + phase_index(ph));
+        const double rest = predicted(cost, set(hw, 0.0), phases);
+        const double f = predicted(cost, set(hw, 1.0), phases) - rest;
+        num += f / measured * (1.0 - rest / measured);
+        den += f * f / (measured * measured);
+      }
+      const double x = den > 0 ? num / den : fallback;
+      return x > 0 ? x : fallback;
     };
     const double measured_latency_us = hw.intra_node.latency_us;
-    double best_err = 1e300;
-    HardwareProfile best = hw;
-    for (double speedup = 1.0; speedup <= double(std::max(1, cores)) + 1e-9; speedup += 0.02) {
-      double n00 = 0, n01 = 0, n11 = 0, r0 = 0, r1 = 0;
-      for (const Run& run : runs) {
-        auto t = [&](const HardwareProfile& h) { return predict_step(run.cost, h).step_ms * 1e-3; };
-        const double rest = t(with(hw, 1e15, 0, speedup));
-        const double a0 = (t(with(hw, 1, 0, speedup)) - rest) / run.measured_s;     // per s/GB
-        const double a1 = (t(with(hw, 1e15, 1, speedup)) - rest) / run.measured_s;  // per us
-        const double b = 1.0 - rest / run.measured_s;
-        n00 += a0 * a0, n01 += a0 * a1, n11 += a1 * a1, r0 += a0 * b, r1 += a1 * b;
+    const double s_per_gb = fit_linear(
+        {"attention_dense"},
+        [](HardwareProfile h, double x) {
+          h.memory_gbps = x > 0 ? 1.0 / x : 1e15;
+          return h;
+        },
+        1.0 / hw.stream_gbps);
+    hw.memory_gbps = 1.0 / s_per_gb;
+    const double latency_us = fit_linear(
+        {"dispatch", "combine", "grad_sync", "router"},
+        [](HardwareProfile h, double x) {
+          h.intra_node.latency_us = h.inter_node.latency_us = x;
+          return h;
+        },
+        measured_latency_us);
+    hw.intra_node.latency_us = std::max(measured_latency_us, latency_us);
+    if (cores > 1) {
+      double best_err = 1e300, best = 1.0;
+      for (double speedup = 1.0; speedup <= double(cores) + 1e-9; speedup += 0.02) {
+        HardwareProfile trial = hw;
+        trial.multicore_gemm_speedup = speedup;
+        double err = 0;
+        for (size_t i = 0; i < shapes.size(); ++i) {
+          const double measured = median_of(single[i], 0);
+          const double rel = predict_step(step_cost(shapes[i], 1), trial).step_ms / measured - 1;
+          err += rel * rel;
+        }
+        if (err < best_err) best_err = err, best = speedup;
       }
-      const double det = n00 * n11 - n01 * n01;
-      if (std::abs(det) < 1e-300) continue;
-      double per_gb = (r0 * n11 - n01 * r1) / det, latency_us = (n00 * r1 - n01 * r0) / det;
-      if (latency_us < 0) latency_us = 0, per_gb = r0 / n00;  // latency is not negative
-      if (per_gb <= 0) continue;
-      const HardwareProfile trial = with(hw, 1.0 / per_gb, latency_us, speedup);
-      double err = 0;
-      for (const Run& run : runs) {
-        const double rel = predict_step(run.cost, trial).step_ms * 1e-3 / run.measured_s - 1;
-        err += rel * rel;
+      hw.multicore_gemm_speedup = best;
+    }
+    std::cout << "fitted: attention element-wise " << hw.memory_gbps
+              << " GB/s, collective latency (rank skew included) " << hw.intra_node.latency_us
+              << " us (micro-benchmark " << measured_latency_us << "), GEMM speedup of one rank on "
+              << cores << " cores x" << hw.multicore_gemm_speedup << std::endl;
+    std::cout << "the fit, predicted vs measured step:";
+    for (size_t i = 0; i < shapes.size(); ++i)
+      for (int ranks : {world, 1}) {
+        if (ranks == 1 && cores == 1) continue;
+        const double measured = median_of(ranks == world ? multi[i] : single[i], 0);
+        const double pred = predict_step(step_cost(shapes[i], ranks), hw).step_ms;
+        std::cout << " d" << shapes[i].model.d_model << "/" << ranks << "r " << std::showpos
+                  << std::lround(100.0 * (pred - measured) / measured) << std::noshowpos << "%";
       }
-      if (err < best_err) best_err = err, best = trial;
-    }
-    hw = best;
-    std::cout << "fitted: element-wise math " << hw.memory_gbps
-              << " GB/s, collective latency " << hw.intra_node.latency_us << " us (micro-benchmark "
-              << measured_latency_us << "), GEMM speedup of one rank on " << cores << " cores x"
-              << hw.multicore_gemm_speedup << std::endl;
-    std::cout << "the fit (predicted vs measured step):";
-    for (size_t i = 0; i < runs.size(); ++i) {
-      const double predicted = predict_step(runs[i].cost, hw).step_ms * 1e-3;
-      std::cout << " d" << shapes[i / (cores > 1 ? 2 : 1)].model.d_model << "/"
-                << runs[i].cost.world << "r " << std::showpos
-                << std::lround(100.0 * (predicted - runs[i].measured_s) / runs[i].measured_s)
-                << std::noshowpos << "%";
-    }
     std::cout << std::endl;
   }
 

@@ -32,6 +32,7 @@
 #include <set>
 
 #include "moe/apps/commands.h"
+#include "moe/apps/common.h"
 #include "moe/config/config.h"
 #include "moe/core/error.h"
 #include "moe/core/filesystem.h"
@@ -185,12 +186,6 @@ std::vector<Point> expand(const Sweep& s) {
       if (c == '/' || c == ' ' || c == '[' || c == ']' || c == ',') c = '_';
   }
   return points;
-}
-
-std::string shell_quote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
 }
 
 // Summary of a finished point's metrics.jsonl: medians over the steps after
@@ -366,10 +361,7 @@ int run_sweep(const SweepArgs& args) {
     for (std::string line; std::getline(in, line);)
       if (!line.empty()) done.insert(nlohmann::json::parse(line).value("point", ""));
   }
-  char self[4096];
-  ssize_t len = ::readlink("/proc/self/exe", self, sizeof self - 1);
-  MOE_CHECK(len > 0, "cannot locate the moe executable");
-  self[len] = '\0';
+  const std::string self = self_executable();
   const bool new_csv = ::access((out + "/results.csv").c_str(), F_OK) != 0;
   std::ofstream jsonl(out + "/results.jsonl", std::ios::app),
       csv(out + "/results.csv", std::ios::app);

@@ -1,5 +1,7 @@
 #include "moe/apps/common.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "moe/core/error.h"
@@ -26,6 +28,19 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::string self_executable() {
+  char self[4096];
+  const ssize_t len = ::readlink("/proc/self/exe", self, sizeof self - 1);
+  MOE_CHECK(len > 0, "cannot locate the moe executable (/proc/self/exe)");
+  return std::string(self, static_cast<size_t>(len));
+}
+
+std::string shell_quote(const std::string& text) {
+  std::string out = "'";
+  for (char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
 }
 
 }  // namespace moe::apps

@@ -155,8 +155,7 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
   for (const auto& name : step_phase_names()) {
     PhaseCost phase;
     phase.name = name;
-    phase.streaming = name == "permute" || name == "unpermute" || name == "grad_sync" ||
-                      name == "optimizer";
+    phase.streaming = name != "attention_dense";
     c.phases.push_back(phase);
   }
   auto ph = [&](const char* n) -> PhaseCost& {
@@ -185,6 +184,10 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
                      (s.L * (100 * TD + 14 * scores) + s.dense_layers * 12 * s.T * s.dense_width +
                       8 * s.T * s.V + 6 * TD);
   att.ops = R * (s.L * 150 + s.dense_layers * 20 + 30);
+  // exp in the softmax of the scores; SiLU forward and its backward in dense
+  // MLPs; log-softmax of the logits and its backward.
+  att.transcendentals =
+      R * (s.L * scores + s.dense_layers * 2 * s.T * s.dense_width + 2 * s.T * s.V);
 
   // ---- MoE layers
   if (Lm > 0) {
@@ -192,6 +195,7 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
     router.gemms.push_back({s.T, s.E, s.D, 1, Lm * R});
     router.memory_bytes = Lm * R * eb * (30 * s.T * s.E + 4 * s.T * s.k);
     router.ops = Lm * R * 90;
+    router.transcendentals = Lm * R * 3 * s.T * s.E;  // scores, logsumexp (z-loss), entropy
     if (s.ep > 1)  // routing statistics: one all-reduce of 3E + 3 doubles
       router.collectives.push_back({"all_reduce", s.ep, (3 * s.E + 3) * 8, 0, Lm * R});
 
@@ -206,15 +210,19 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
     const int64_t segments = s.ep > 1 ? EL * s.ep : s.E;
     experts.gemms.push_back({rows, s.H, s.D, segments, (s.act_mats - 1) * Lm * R});  // w1 (w3)
     experts.gemms.push_back({rows, s.D, s.H, segments, Lm * R});                      // w2
-    // Activation math ~21 passes over [rows, H]; the backward also zeroes and
-    // fills weight gradients the size of the local experts (~3 passes).
+    // Per [rows, H] element: SiLU forward, SiLU and its derivative's sigmoid
+    // in backward (3 transcendentals), ~30 plain passes (products, the
+    // derivative's arithmetic); the backward also zeroes and fills weight
+    // gradients the size of the local experts (~3 passes).
+    experts.transcendentals = Lm * R * 3 * rows * s.H;
     experts.memory_bytes =
-        Lm * R * eb * (21 * rows * s.H + 4 * rows * s.D + 3 * EL * s.act_mats * s.D * s.H);
+        Lm * R * eb * (30 * rows * s.H + 4 * rows * s.D + 3 * EL * s.act_mats * s.D * s.H);
     experts.ops = Lm * R * (segments * 21 + 4);
     if (s.shared_H > 0) {
       experts.gemms.push_back({s.T, s.shared_H, s.D, 1, (s.act_mats - 1) * Lm * R});
       experts.gemms.push_back({s.T, s.D, s.shared_H, 1, Lm * R});
-      experts.memory_bytes += Lm * R * eb * (21 * s.T * s.shared_H + 4 * TD);
+      experts.transcendentals += Lm * R * 3 * s.T * s.shared_H;
+      experts.memory_bytes += Lm * R * eb * (30 * s.T * s.shared_H + 4 * TD);
       experts.ops += Lm * R * 25;
     }
     if (s.ep > 1) {
@@ -249,12 +257,14 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
   }
   // pack, scale, unpack the buckets; norms and clipping scale: ~6 passes.
   sync.memory_bytes = 6 * 4 * (pc.shared + pc.expert);
+  sync.working_set_bytes = 2 * 4 * (pc.shared + pc.expert);  // gradients and buckets
   sync.ops = 6 * pc.tensors;
 
   // ---- AdamW: ~16 passes over parameter-sized tensors (decay, both moments,
   // bias corrections, the update), ~12 ops per tensor; zeroing the gradients.
   PhaseCost& opt = ph("optimizer");
   opt.memory_bytes = 17 * 4 * (pc.shared + pc.expert);
+  opt.working_set_bytes = 4 * 4 * (pc.shared + pc.expert);  // parameters, gradients, 2 moments
   opt.ops = 13 * pc.tensors;
 
   // Model FLOPs per token for MFU: forward matrix products of the active
@@ -338,7 +348,8 @@ HardwareProfile load_hardware_profile(const std::string& path) {
   static const std::vector<std::string> keys = {
       "name",          "kind",          "cores_per_node", "ranks_per_node",
       "peak_gflops",   "gemm_gflops",   "multicore_gemm_speedup",
-      "memory_gbps",   "stream_gbps",   "op_overhead_us", "activation_bytes",
+      "memory_gbps",   "stream_gbps",   "cache_gbps", "cache_mib", "transcendental_gelems",
+      "op_overhead_us", "activation_bytes",
       "device_memory_gib", "intra_node", "inter_node"};
   for (auto it = root.begin(); it != root.end(); ++it) {
     const std::string k = it->first.Scalar();
@@ -382,6 +393,9 @@ HardwareProfile load_hardware_profile(const std::string& path) {
   opt("multicore_gemm_speedup", hw.multicore_gemm_speedup, 0.1, 4096);
   opt("memory_gbps", hw.memory_gbps, 1e-3, 1e6);
   opt("stream_gbps", hw.stream_gbps, 0, 1e6);
+  opt("cache_gbps", hw.cache_gbps, 0, 1e6);
+  opt("cache_mib", hw.cache_mib, 0, 1e6);
+  opt("transcendental_gelems", hw.transcendental_gelems, 0, 1e6);
   opt("op_overhead_us", hw.op_overhead_us, 0, 1e6);
   opt("device_memory_gib", hw.device_memory_gib, 0, 1e6);
   const YAML::Node g = root["gemm_gflops"];
@@ -427,6 +441,8 @@ std::string dump_hardware_profile(const HardwareProfile& hw, const std::string& 
       << "]";
   o << "]\nmulticore_gemm_speedup: " << hw.multicore_gemm_speedup
     << "\nmemory_gbps: " << hw.memory_gbps << "\nstream_gbps: " << hw.stream_gbps
+    << "\ncache_gbps: " << hw.cache_gbps << "\ncache_mib: " << hw.cache_mib
+    << "\ntranscendental_gelems: " << hw.transcendental_gelems
     << "\nop_overhead_us: " << hw.op_overhead_us
     << "\nactivation_bytes: " << hw.activation_bytes
     << "\ndevice_memory_gib: " << hw.device_memory_gib << "\nintra_node: {gbps: "
@@ -478,6 +494,18 @@ StepPrediction predict_step(const StepCost& cost, const HardwareProfile& hw) {
            std::max(bytes_intra / (hw.intra_node.gbps * 1e9),
                     bytes_inter / (hw.inter_node.gbps * 1e9));
   };
+  // Plain passes: at cache speed for the part of the working set the cache
+  // holds, at DRAM streaming speed for the rest.
+  const double dram_gbps = hw.stream_gbps > 0 ? hw.stream_gbps : hw.memory_gbps;
+  const double cache_gbps = hw.cache_gbps > 0 ? hw.cache_gbps : dram_gbps;
+  auto seconds_per_byte = [&](const PhaseCost& ph) {
+    if (!ph.streaming) return 1.0 / (hw.memory_gbps * 1e9);
+    const double cache_bytes = hw.cache_mib * 1048576.0;
+    const double in_cache =
+        ph.working_set_bytes <= 0 ? 1.0
+                                  : std::min(1.0, cache_bytes / double(ph.working_set_bytes));
+    return in_cache / (cache_gbps * 1e9) + (1.0 - in_cache) / (dram_gbps * 1e9);
+  };
   StepPrediction p;
   for (const auto& ph : cost.phases) {
     double s = 0;
@@ -488,9 +516,10 @@ StepPrediction predict_step(const StepCost& cost, const HardwareProfile& hw) {
     }
     // Activation traffic scales with the element size; parameter and optimizer traffic is fp32.
     const bool param_phase = ph.name == "grad_sync" || ph.name == "optimizer";
-    const double gbps =
-        ph.streaming && hw.stream_gbps > 0 ? hw.stream_gbps : hw.memory_gbps;
-    s += double(ph.memory_bytes) * (param_phase ? 1.0 : msg_scale) / (gbps * 1e9);
+    const double bytes = double(ph.memory_bytes) * (param_phase ? 1.0 : msg_scale);
+    s += bytes * seconds_per_byte(ph);
+    if (hw.transcendental_gelems > 0)
+      s += double(ph.transcendentals) / (hw.transcendental_gelems * 1e9);
     s += double(ph.ops) * hw.op_overhead_us * 1e-6;
     double comm = 0;
     for (const auto& c : ph.collectives) comm += double(c.repeat) * collective_s(c);

@@ -16,4 +16,10 @@ int thread_ranks(int flag_ranks, const Config& cfg);
 // Median of a non-empty list.
 double median(std::vector<double> v);
 
+// Path of the running `moe` executable (to start it again for sweep points
+// and calibration runs: each in a fresh process).
+std::string self_executable();
+// 'text' quoted for /bin/sh.
+std::string shell_quote(const std::string& text);
+
 }  // namespace moe::apps

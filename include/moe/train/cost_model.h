@@ -9,7 +9,11 @@
 // with compute. Counts are per rank and per optimizer step (all micro-batches).
 //
 // Time of a phase = sum of GEMM FLOPs / GEMM rate at that product's size
-//                 + element-wise bytes / memory_gbps (stream_gbps for plain copies)
+//                 + transcendental evaluations (exp, sigmoid, SiLU) / their rate
+//                 + element-wise bytes / a bandwidth: plain passes (token copies,
+//                   expert activations, optimizer) at the streaming rate for
+//                   their working set (cache or DRAM); the attention block's
+//                   strided and reshaping work at the (fitted) memory_gbps
 //                 + op launches x op overhead
 //                 + per collective: latency + bytes on the slowest link / its bandwidth
 // When ranks share a CPU's cores (cpu profile, more ranks than cores) every
@@ -45,8 +49,10 @@ struct CollectiveCost {
 struct PhaseCost {
   std::string name;
   std::vector<GemmCost> gemms;
-  int64_t memory_bytes = 0;  // element-wise reads + writes, forward + backward
-  bool streaming = false;    // plain copies / vector updates rather than element-wise math
+  int64_t memory_bytes = 0;          // element-wise reads + writes, forward + backward
+  int64_t transcendentals = 0;       // exp / sigmoid / SiLU evaluations, forward + backward
+  bool streaming = false;            // plain contiguous passes rather than strided reshaping
+  int64_t working_set_bytes = 0;     // what the passes sweep over (0 = fits in cache)
   int64_t ops = 0;           // op launches, forward + backward
   std::vector<CollectiveCost> collectives;
   int64_t flops() const;
@@ -102,9 +108,11 @@ struct HardwareProfile {
   // size (cube root of m n k), interpolated in log(size); at least one point.
   std::vector<std::pair<double, double>> gemm_gflops;
   double multicore_gemm_speedup = 1.0;  // cpu: one rank's GEMMs on every core vs one core
-  double memory_gbps = 1.0;   // element-wise math on activations (norms, softmax, activations)
-  double stream_gbps = 0.0;   // plain streaming (optimizer, gradient buckets, token copies);
-                              // 0 = memory_gbps
+  double memory_gbps = 1.0;   // attention-block element-wise work (strided, reshaping)
+  double stream_gbps = 0.0;   // plain passes over data larger than the cache; 0 = memory_gbps
+  double cache_gbps = 0.0;    // plain passes over data that fits in cache; 0 = stream_gbps
+  double cache_mib = 0.0;     // cache a rank's passes can use (0 = none)
+  double transcendental_gelems = 0.0;  // exp / sigmoid / SiLU, G elements/s (0 = free)
   double op_overhead_us = 0.0;          // per op launch (dispatch, autograd, kernel launch)
   int activation_bytes = 4;             // element size of activations and messages
   double device_memory_gib = 0.0;       // per rank (0 = unknown): projections flag what does not fit
