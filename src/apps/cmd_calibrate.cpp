@@ -1,9 +1,11 @@
 // `moe bench calibrate [--out FILE]`: measures this machine for the cost
-// model and writes a hardware profile (kind cpu): single-core GEMM GFLOP/s by
-// size, the speedup of one rank's GEMMs on every core, element-wise memory
-// bandwidth, the per-op launch overhead (ATen dispatch + autograd), the
-// latency and bandwidth of the in-process (thread) all-to-all, and the
-// effective element-wise rate of a real training step. Takes ~10 s.
+// model and writes a hardware profile (kind cpu). Micro-benchmarks give
+// single-core GEMM GFLOP/s by size, plain-pass bandwidth in cache and from
+// memory, exp/sigmoid/SiLU throughput, the per-op launch overhead (ATen
+// dispatch + autograd) and the thread all-to-all's latency and bandwidth;
+// short training runs then fit what micro-benchmarks cannot see (the
+// attention block's element-wise rate, rank skew per collective, one rank's
+// GEMM speedup on every core). Takes about 50 s on 2 cores.
 #include <unistd.h>
 
 #include <algorithm>
