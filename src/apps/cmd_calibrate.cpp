@@ -4,8 +4,9 @@
 // memory, exp/sigmoid/SiLU throughput, the per-op launch overhead (ATen
 // dispatch + autograd) and the thread all-to-all's latency and bandwidth;
 // short training runs then fit what micro-benchmarks cannot see (the
-// attention block's element-wise rate, rank skew per collective, one rank's
-// GEMM speedup on every core). Takes about 50 s on 2 cores.
+// experts' GEMM efficiency, the attention block's element-wise rate, rank
+// skew per collective). Takes about
+// 30 s on 2 cores.
 #include <unistd.h>
 
 #include <algorithm>
@@ -184,10 +185,10 @@ int run_calibrate(const BenchArgs& args) {
 
   // Element-wise work in a real step is far from streaming speed (softmax,
   // strided rotary halves, small tensors), and a real op costs more than the
-  // tiny one timed above: the attention block's element-wise rate, the
-  // per-collective latency and the GEMM speedup of one rank on every core are
-  // fitted to short training runs of four calibration shapes (d_model 64 to
-  // 256) at world = cores and at one rank, everything else as measured above.
+  // tiny one timed above: the experts' GEMM efficiency, the attention block's
+  // element-wise rate and the per-collective latency are fitted to short training runs of four
+  // calibration shapes (d_model 64 to 256) at world = cores, everything else
+  // as measured above.
   {
     const int world = std::max(2, cores);
     // d_model, seq_len, batch, experts, d_expert, vocab: common widths, mixed so
@@ -205,8 +206,8 @@ int run_calibrate(const BenchArgs& args) {
            "model.seq_len=" + std::to_string(seq), "train.batch=" + std::to_string(batch),
            "moe.experts=" + std::to_string(experts), "moe.d_expert=" + std::to_string(hidden),
            "model.vocab=" + std::to_string(vocab)}));
-    // Three interleaved runs of each shape, at `world` ranks and at one rank
-    // on every core, each a fresh `moe train` process as a sweep point is
+    // Three interleaved runs of each shape at `world` ranks, each a fresh
+    // `moe train` process as a sweep point is
     // (in this process, BLAS worker threads left spinning by one run would
     // slow the next); the median run's median step.
     char dir_template[] = "/tmp/moe-calibrate-XXXXXX";
@@ -215,7 +216,7 @@ int run_calibrate(const BenchArgs& args) {
     const std::string dir = tmp, self = self_executable();
     // A run's medians: the step, then each phase's slowest rank (step_phase_names() order).
     using Medians = std::vector<double>;
-    std::vector<std::vector<Medians>> multi(shapes.size()), single(shapes.size());
+    std::vector<std::vector<Medians>> multi(shapes.size());
     auto run = [&](size_t shape, int ranks, std::vector<Medians>& into) {
       const std::string config = dir + "/shape" + std::to_string(shape) + ".yaml";
       std::ofstream(config) << dump_config(shapes[shape]);
@@ -247,17 +248,20 @@ int run_calibrate(const BenchArgs& args) {
       into.push_back(m);
     };
     for (int rep = 0; rep < 3; ++rep)
-      for (size_t i = 0; i < shapes.size(); ++i) {
-        run(i, world, multi[i]);
-        if (cores > 1) run(i, 1, single[i]);
-      }
+      for (size_t i = 0; i < shapes.size(); ++i) run(i, world, multi[i]);
     std::system(("rm -rf " + shell_quote(dir)).c_str());
     // Each parameter is fitted on the measured phases it governs (least
     // squares on relative error; the model is linear in each):
     //   memory_gbps  <- attention_dense of the multi-rank runs,
+    //   expert_gemm_efficiency <- experts of the same runs (segment products
+    //                   are smaller and more oblong than the square table's),
     //   latency      <- dispatch + combine + grad_sync + router (the phases
-    //                   with collectives, rank skew included) of the same runs,
-    //   GEMM speedup <- whole steps of the single-rank runs (scanned).
+    //                   with collectives, rank skew included) of the same runs.
+    // One rank's GEMM speedup on every core stays as micro-benchmarked: its
+    // alternated samples carry the spread a shared host puts on a rank whose
+    // BLAS needs every core at once (single-rank steps measured 33 to 60 ms
+    // for one config here), where short training runs catch one mode or the
+    // other.
     // Medians over the repetitions, per shape.
     const auto& names = step_phase_names();
     auto median_of = [&](const std::vector<Medians>& reps, size_t column) {
@@ -293,6 +297,14 @@ int run_calibrate(const BenchArgs& args) {
       return x > 0 ? x : fallback;
     };
     const double measured_latency_us = hw.intra_node.latency_us;
+    const double expert_s = fit_linear(
+        {"experts"},
+        [](HardwareProfile h, double x) {
+          h.expert_gemm_efficiency = x > 0 ? 1.0 / x : 1e15;
+          return h;
+        },
+        1.0);
+    hw.expert_gemm_efficiency = std::min(1.0, 1.0 / expert_s);
     const double s_per_gb = fit_linear(
         {"attention_dense"},
         [](HardwareProfile h, double x) {
@@ -309,34 +321,17 @@ int run_calibrate(const BenchArgs& args) {
         },
         measured_latency_us);
     hw.intra_node.latency_us = std::max(measured_latency_us, latency_us);
-    if (cores > 1) {
-      double best_err = 1e300, best = 1.0;
-      for (double speedup = 1.0; speedup <= double(cores) + 1e-9; speedup += 0.02) {
-        HardwareProfile trial = hw;
-        trial.multicore_gemm_speedup = speedup;
-        double err = 0;
-        for (size_t i = 0; i < shapes.size(); ++i) {
-          const double measured = median_of(single[i], 0);
-          const double rel = predict_step(step_cost(shapes[i], 1), trial).step_ms / measured - 1;
-          err += rel * rel;
-        }
-        if (err < best_err) best_err = err, best = speedup;
-      }
-      hw.multicore_gemm_speedup = best;
-    }
-    std::cout << "fitted: attention element-wise " << hw.memory_gbps
+    std::cout << "fitted: expert GEMMs at " << hw.expert_gemm_efficiency
+              << " of the square-GEMM rate, attention element-wise " << hw.memory_gbps
               << " GB/s, collective latency (rank skew included) " << hw.intra_node.latency_us
-              << " us (micro-benchmark " << measured_latency_us << "), GEMM speedup of one rank on "
-              << cores << " cores x" << hw.multicore_gemm_speedup << std::endl;
+              << " us (micro-benchmark " << measured_latency_us << ")" << std::endl;
     std::cout << "the fit, predicted vs measured step:";
-    for (size_t i = 0; i < shapes.size(); ++i)
-      for (int ranks : {world, 1}) {
-        if (ranks == 1 && cores == 1) continue;
-        const double measured = median_of(ranks == world ? multi[i] : single[i], 0);
-        const double pred = predict_step(step_cost(shapes[i], ranks), hw).step_ms;
-        std::cout << " d" << shapes[i].model.d_model << "/" << ranks << "r " << std::showpos
-                  << std::lround(100.0 * (pred - measured) / measured) << std::noshowpos << "%";
-      }
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      const double measured = median_of(multi[i], 0);
+      const double pred = predict_step(step_cost(shapes[i], world), hw).step_ms;
+      std::cout << " d" << shapes[i].model.d_model << " " << std::showpos
+                << std::lround(100.0 * (pred - measured) / measured) << std::noshowpos << "%";
+    }
     std::cout << std::endl;
   }
 

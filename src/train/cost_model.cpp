@@ -347,7 +347,7 @@ HardwareProfile load_hardware_profile(const std::string& path) {
   MOE_CHECK_T(ConfigError, root.IsMap(), path << ": a hardware profile is a mapping");
   static const std::vector<std::string> keys = {
       "name",          "kind",          "cores_per_node", "ranks_per_node",
-      "peak_gflops",   "gemm_gflops",   "multicore_gemm_speedup",
+      "peak_gflops",   "gemm_gflops",   "multicore_gemm_speedup", "expert_gemm_efficiency",
       "memory_gbps",   "stream_gbps",   "cache_gbps", "cache_mib", "transcendental_gelems",
       "op_overhead_us", "activation_bytes",
       "device_memory_gib", "intra_node", "inter_node"};
@@ -391,6 +391,7 @@ HardwareProfile load_hardware_profile(const std::string& path) {
   hw.activation_bytes = int(ab);
   opt("peak_gflops", hw.peak_gflops, 1e-3, 1e9);
   opt("multicore_gemm_speedup", hw.multicore_gemm_speedup, 0.1, 4096);
+  opt("expert_gemm_efficiency", hw.expert_gemm_efficiency, 1e-3, 10);
   opt("memory_gbps", hw.memory_gbps, 1e-3, 1e6);
   opt("stream_gbps", hw.stream_gbps, 0, 1e6);
   opt("cache_gbps", hw.cache_gbps, 0, 1e6);
@@ -440,6 +441,7 @@ std::string dump_hardware_profile(const HardwareProfile& hw, const std::string& 
     o << (i ? ", " : "") << "[" << hw.gemm_gflops[i].first << ", " << hw.gemm_gflops[i].second
       << "]";
   o << "]\nmulticore_gemm_speedup: " << hw.multicore_gemm_speedup
+    << "\nexpert_gemm_efficiency: " << hw.expert_gemm_efficiency
     << "\nmemory_gbps: " << hw.memory_gbps << "\nstream_gbps: " << hw.stream_gbps
     << "\ncache_gbps: " << hw.cache_gbps << "\ncache_mib: " << hw.cache_mib
     << "\ntranscendental_gelems: " << hw.transcendental_gelems
@@ -512,7 +514,8 @@ StepPrediction predict_step(const StepCost& cost, const HardwareProfile& hw) {
     for (const auto& g : ph.gemms) {
       const double m_each = double(g.m) / double(std::max<int64_t>(1, g.groups));
       const double size = std::cbrt(std::max(1.0, m_each * double(g.n) * double(g.k)));
-      s += double(g.flops()) / (hw.gemm_rate(size) * gemm_speedup * 1e9);
+      const double efficiency = ph.name == "experts" ? hw.expert_gemm_efficiency : 1.0;
+      s += double(g.flops()) / (hw.gemm_rate(size) * efficiency * gemm_speedup * 1e9);
     }
     // Activation traffic scales with the element size; parameter and optimizer traffic is fp32.
     const bool param_phase = ph.name == "grad_sync" || ph.name == "optimizer";

@@ -108,6 +108,9 @@ struct HardwareProfile {
   // size (cube root of m n k), interpolated in log(size); at least one point.
   std::vector<std::pair<double, double>> gemm_gflops;
   double multicore_gemm_speedup = 1.0;  // cpu: one rank's GEMMs on every core vs one core
+  // The experts' many small segment products (and their transposed backward
+  // products) against the square-GEMM table: a fraction, fitted by calibrate.
+  double expert_gemm_efficiency = 1.0;
   double memory_gbps = 1.0;   // attention-block element-wise work (strided, reshaping)
   double stream_gbps = 0.0;   // plain passes over data larger than the cache; 0 = memory_gbps
   double cache_gbps = 0.0;    // plain passes over data that fits in cache; 0 = stream_gbps
