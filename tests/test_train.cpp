@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -483,6 +484,32 @@ TEST(Sweep, LauncherAsAGridKeyThreadsAndMpirunAgree) {
 }
 #endif
 
+// repeats: every point runs that many times (interleaved); the row holds the medians.
+TEST(Sweep, RepeatsReportTheMedianRun) {
+  std::string sweep = write_sweep("sweep_rep",
+                                  "ranks: 1\nsteps: 2\nrepeats: 3\n"
+                                  "overrides: [train.log_every=1000]\n"
+                                  "grid:\n  moe.capacity_factor: [0, 1.0]\n");
+  std::string out_dir = fresh_dir("sweep_rep_out"), out;
+  ASSERT_EQ(run_moe("sweep " + sweep + " --out " + out_dir, &out), 0) << out;
+  EXPECT_NE(out.find("repeat 3/3"), std::string::npos) << out;
+  std::ifstream runs(out_dir + "/runs.jsonl");
+  int run_lines = 0;
+  for (std::string line; std::getline(runs, line);) ++run_lines;
+  EXPECT_EQ(run_lines, 6);
+  std::ifstream jsonl(out_dir + "/results.jsonl");
+  int rows = 0;
+  for (std::string line; std::getline(jsonl, line); ++rows) {
+    auto r = nlohmann::json::parse(line);
+    EXPECT_EQ(r["repeats"], 3);
+    std::vector<double> reps = r["step_ms_repeats"].get<std::vector<double>>();
+    ASSERT_EQ(reps.size(), 3u);
+    std::sort(reps.begin(), reps.end());
+    EXPECT_DOUBLE_EQ(r["step_ms"].get<double>(), reps[1]) << line;
+  }
+  EXPECT_EQ(rows, 2);
+}
+
 // --predict runs nothing: the projection of every point, invalid grid corners skipped.
 TEST(Sweep, PredictProjectsEveryValidPointWithoutRunning) {
   std::string out_dir = fresh_dir("predict_out"), out;
@@ -567,6 +594,7 @@ TEST(Sweep, BadSweepFilesAreConfigErrorsNamingTheKey) {
            {"grid:\n  launcher: [thread, slurm]\n", "grid key 'launcher' has value 'slurm'"},
            {"grid:\n  ranks: [2, 0]\n", "grid key 'ranks' has value '0'"},
            {"global_batch: -4\ngrid:\n  ranks: [1]\n", "'global_batch' = -4"},
+           {"repeats: 0\ngrid:\n  ranks: [1]\n", "'repeats' = 0"},
            {"hardware: /nonexistent.yaml\ngrid:\n  ranks: [1]\n", "cannot open hardware profile"},
        }) {
     std::string out;

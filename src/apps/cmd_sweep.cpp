@@ -10,6 +10,9 @@
 //                              # 0 = train.steps)
 //   hardware: ../hardware/cpu-local.yaml  # profile for the cost model (optional)
 //   global_batch: 32           # strong scaling: train.batch = 32 / (ranks x grad_accum)
+//   repeats: 3                 # runs per point, interleaved (point 1..N, then again);
+//                              # results hold the medians (a slow spell of a shared
+//                              # machine hits one repetition, not a whole point)
 //   overrides: [train.log_every=1000]
 //   grid:                      # cartesian product of these values; `ranks` and
 //     parallel.ep: [1, 2]      # `launcher` may be grid keys too
@@ -47,6 +50,7 @@ struct Sweep {
   std::string base, launcher = "thread", hardware;
   int64_t ranks = 1, steps = 0;
   int64_t global_batch = 0;  // > 0: train.batch = global_batch / (ranks x grad_accum) per point
+  int64_t repeats = 1;       // runs per point, interleaved over the points; medians reported
   double point_timeout_s = 600;
   std::vector<std::string> overrides;
   std::vector<std::pair<std::string, std::vector<std::string>>> grid;  // key -> values (YAML text)
@@ -71,8 +75,9 @@ Sweep parse_sweep(const std::string& path) {
   MOE_CHECK_T(
       ConfigError, root.IsMap(),
       path << ": a sweep file is a mapping (base, launcher, ranks, steps, overrides, grid)");
-  const std::vector<std::string> keys = {"base",     "launcher",     "ranks",     "steps",
-                                         "hardware", "global_batch", "overrides", "grid"};
+  const std::vector<std::string> keys = {"base",      "launcher",     "ranks",
+                                         "steps",     "hardware",     "global_batch",
+                                         "repeats",   "overrides",    "grid"};
   Sweep s;
   for (auto it = root.begin(); it != root.end(); ++it) {
     const std::string k = it->first.Scalar();
@@ -81,7 +86,7 @@ Sweep parse_sweep(const std::string& path) {
       MOE_THROW(ConfigError,
                 path << ": unknown sweep key '" << k << "'"
                      << (near.empty() ? " (allowed: base, launcher, ranks, steps, hardware, "
-                                        "global_batch, overrides, grid)"
+                                        "global_batch, repeats, overrides, grid)"
                                       : " (did you mean '" + near + "'?)"));
     }
   }
@@ -106,10 +111,13 @@ Sweep parse_sweep(const std::string& path) {
     if (root["ranks"]) s.ranks = root["ranks"].as<int64_t>();
     if (root["steps"]) s.steps = root["steps"].as<int64_t>();
     if (root["global_batch"]) s.global_batch = root["global_batch"].as<int64_t>();
+    if (root["repeats"]) s.repeats = root["repeats"].as<int64_t>();
   } catch (const YAML::Exception&) {
-    MOE_THROW(ConfigError,
-              path << ": sweep keys 'ranks', 'steps' and 'global_batch' must be integers");
+    MOE_THROW(ConfigError, path << ": sweep keys 'ranks', 'steps', 'global_batch' and 'repeats' "
+                                   "must be integers");
   }
+  MOE_CHECK_T(ConfigError, s.repeats >= 1 && s.repeats <= 100,
+              path << ": sweep key 'repeats' = " << s.repeats << ": allowed 1..100");
   MOE_CHECK_T(ConfigError, s.global_batch >= 0,
               path << ": sweep key 'global_batch' = " << s.global_batch
                    << " must be >= 0 (sequences per step over all ranks; 0 = off)");
@@ -381,99 +389,168 @@ int run_sweep(const SweepArgs& args) {
     for (const auto& c : metric_cols) csv << "," << c;
     csv << "\n";
   }
+  // Every repetition's summary goes to runs.jsonl (resume at repetition
+  // granularity); a point's row goes to results.* once its last repetition is
+  // in (or one failed).
+  std::map<std::pair<std::string, int64_t>, nlohmann::json> runs;
+  {
+    std::ifstream in(out + "/runs.jsonl");
+    for (std::string line; std::getline(in, line);)
+      if (!line.empty()) {
+        auto r = nlohmann::json::parse(line);
+        runs[{r.value("point", ""), r.value("repeat", int64_t{0})}] = r;
+      }
+  }
+  std::ofstream runs_out(out + "/runs.jsonl", std::ios::app);
+  const int64_t R = sweep.repeats;
+  auto point_failed = [&](const Point& p) {
+    for (int64_t r = 0; r < R; ++r) {
+      auto it = runs.find({p.name, r});
+      if (it != runs.end() && it->second["status"] != "ok") return true;
+    }
+    return false;
+  };
   int ran = 0, skipped = 0, failed = 0, invalid = 0;
   for (size_t i = 0; i < points.size(); ++i) {
-    const Point& p = points[i];
-    const PointModel& model = models[i];
-    if (!model.invalid.empty()) {
+    if (!models[i].invalid.empty()) {
       ++invalid;
-      std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << p.name
-                << ": invalid, skipped (" << model.invalid << ")\n";
-      continue;
-    }
-    if (done.count(p.name)) {
+      std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << points[i].name
+                << ": invalid, skipped (" << models[i].invalid << ")\n";
+    } else if (done.count(points[i].name)) {
       ++skipped;
-      std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << p.name
+      std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << points[i].name
                 << ": done earlier, skipped\n";
-      continue;
     }
-    const std::string dir = out + "/points/" + p.name;
-    std::string cmd;
-    if (p.launcher == "mpirun")
-      cmd = "mpirun --oversubscribe --bind-to none" +
-            std::string(getuid() == 0 ? " --allow-run-as-root" : "") + " -np " +
-            std::to_string(p.ranks) + " " + shell_quote(self) + " train " + shell_quote(sweep.base);
-    else
-      cmd = shell_quote(self) + " train " + shell_quote(sweep.base) + " --ranks " +
-            std::to_string(p.ranks);
-    for (const auto& o : p.overrides) cmd += " " + shell_quote(o);
-    cmd += " --out " + shell_quote(dir);
-    // A point that runs past sweep.point_timeout_s is killed and recorded as failed.
-    char limit[64];
-    std::snprintf(limit, sizeof limit, "timeout -k 10 %.0f ", std::max(1.0, sweep.point_timeout_s));
-    cmd = limit + cmd + " > " + shell_quote(dir + ".log") + " 2>&1";
-    std::system(("rm -rf " + shell_quote(dir)).c_str());
-    Stopwatch clock;
-    int status = std::system(cmd.c_str());
-    int rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    nlohmann::json row = {{"point", p.name},         {"ranks", p.ranks},
-                          {"ep", model.layout.ep},   {"dp", model.layout.dp},
-                          {"launcher", p.launcher},  {"wall_s", clock.seconds()}};
-    for (const auto& [k, v] : p.assignment)
-      if (k != "ranks" && k != "launcher") row[k] = v;
-    nlohmann::json metrics = rc == 0 ? summarize(dir) : nlohmann::json();
-    if (rc == 0 && !metrics.empty()) {
-      row["status"] = "ok";
-      row.update(metrics);
-      row["measured_step_ms"] = row["step_ms"];
-      const MemoryEstimate mem = estimate_memory(model.cfg, model.world);
-      row["memory_estimate_mib"] = double(mem.total()) / 1048576.0;
-      if (have_hw) {
-        // The model gets the config and the measured routing, never the timings.
-        RoutingStats routing;
-        routing.drop_frac = row["drop_frac"].get<double>();
-        routing.load_imbalance = std::max(1.0, row["load_imbalance"].get<double>());
-        const StepPrediction pr = predict_step(step_cost(model.cfg, model.world, routing), hw);
-        row["predicted_step_ms"] = pr.step_ms;
-        row["error_pct"] = 100.0 * (pr.step_ms - row["step_ms"].get<double>()) /
-                           row["step_ms"].get<double>();
-        for (const auto& [name, ms] : pr.phase_ms) row["predicted_" + name + "_ms"] = ms;
+  }
+  for (int64_t rep = 0; rep < R; ++rep) {
+    for (size_t i = 0; i < points.size(); ++i) {
+      const Point& p = points[i];
+      const PointModel& model = models[i];
+      if (!model.invalid.empty() || done.count(p.name) || point_failed(p)) continue;
+      std::string prefix = "[sweep " + std::to_string(i + 1) + "/" + std::to_string(points.size());
+      if (R > 1) prefix += ", repeat " + std::to_string(rep + 1) + "/" + std::to_string(R);
+      prefix += "] " + p.name;
+      if (!runs.count({p.name, rep})) {
+        const std::string dir =
+            out + "/points/" + p.name + (R > 1 ? ".rep" + std::to_string(rep + 1) : "");
+        std::string cmd;
+        if (p.launcher == "mpirun")
+          cmd = "mpirun --oversubscribe --bind-to none" +
+                std::string(getuid() == 0 ? " --allow-run-as-root" : "") + " -np " +
+                std::to_string(p.ranks) + " " + shell_quote(self) + " train " +
+                shell_quote(sweep.base);
+        else
+          cmd = shell_quote(self) + " train " + shell_quote(sweep.base) + " --ranks " +
+                std::to_string(p.ranks);
+        for (const auto& o : p.overrides) cmd += " " + shell_quote(o);
+        cmd += " --out " + shell_quote(dir);
+        // A point that runs past sweep.point_timeout_s is killed and recorded as failed.
+        char limit[64];
+        std::snprintf(limit, sizeof limit, "timeout -k 10 %.0f ",
+                      std::max(1.0, sweep.point_timeout_s));
+        cmd = limit + cmd + " > " + shell_quote(dir + ".log") + " 2>&1";
+        std::system(("rm -rf " + shell_quote(dir)).c_str());
+        Stopwatch clock;
+        const int status = std::system(cmd.c_str());
+        const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        nlohmann::json run = {{"point", p.name}, {"repeat", rep}, {"wall_s", clock.seconds()}};
+        nlohmann::json metrics = rc == 0 ? summarize(dir) : nlohmann::json();
+        if (rc == 0 && !metrics.empty()) {
+          run["status"] = "ok";
+          run["metrics"] = metrics;
+        } else {
+          std::ifstream log(dir + ".log");
+          std::string line, last;
+          while (std::getline(log, line))
+            if (!line.empty()) last = line;
+          run["status"] = "failed";
+          run["error"] = rc == 124 || rc == 137 ? "killed after sweep.point_timeout_s = " +
+                                                      std::to_string(sweep.point_timeout_s) + " s"
+                                                : "exit " + std::to_string(rc) + ": " + last;
+        }
+        runs_out << run.dump() << "\n";
+        runs_out.flush();
+        runs[{p.name, rep}] = run;
+        if (R > 1 && run["status"] == "ok")
+          std::cout << prefix << ": step " << fixed(metrics["step_ms"].get<double>(), 1) << " ms"
+                    << std::endl;
       }
-      ++ran;
-    } else {
-      std::ifstream log(dir + ".log");
-      std::string line, last;
-      while (std::getline(log, line))
-        if (!line.empty()) last = line;
-      row["status"] = "failed";
-      row["error"] = rc == 124 || rc == 137 ? "killed after sweep.point_timeout_s = " +
-                                                  std::to_string(sweep.point_timeout_s) + " s"
-                                            : "exit " + std::to_string(rc) + ": " + last;
-      ++failed;
+      const bool failed_now = point_failed(p);
+      if (rep + 1 < R && !failed_now) continue;
+
+      // The point's row: medians over its repetitions.
+      nlohmann::json row = {{"point", p.name},       {"ranks", p.ranks},
+                            {"ep", model.layout.ep}, {"dp", model.layout.dp},
+                            {"launcher", p.launcher}, {"repeats", R}};
+      for (const auto& [k, v] : p.assignment)
+        if (k != "ranks" && k != "launcher") row[k] = v;
+      double wall = 0;
+      std::map<std::string, std::vector<double>> values;
+      for (int64_t r = 0; r < R; ++r) {
+        auto it = runs.find({p.name, r});
+        if (it == runs.end()) continue;
+        wall += it->second.value("wall_s", 0.0);
+        if (it->second["status"] != "ok") {
+          row["status"] = "failed";
+          row["error"] = it->second["error"];
+          continue;
+        }
+        for (auto m = it->second["metrics"].begin(); m != it->second["metrics"].end(); ++m)
+          if (m.value().is_number()) values[m.key()].push_back(m.value().get<double>());
+      }
+      row["wall_s"] = wall;
+      if (!failed_now) {
+        row["status"] = "ok";
+        for (const auto& [key, v] : values) row[key] = median_of(v);
+        if (R > 1) {
+          std::vector<double> reps;
+          for (int64_t r = 0; r < R; ++r)
+            reps.push_back(runs[{p.name, r}]["metrics"]["step_ms"].get<double>());
+          row["step_ms_repeats"] = reps;
+        }
+        row["measured_step_ms"] = row["step_ms"];
+        const MemoryEstimate mem = estimate_memory(model.cfg, model.world);
+        row["memory_estimate_mib"] = double(mem.total()) / 1048576.0;
+        if (have_hw) {
+          // The model gets the config and the measured routing, never the timings.
+          RoutingStats routing;
+          routing.drop_frac = row["drop_frac"].get<double>();
+          routing.load_imbalance = std::max(1.0, row["load_imbalance"].get<double>());
+          const StepPrediction pr = predict_step(step_cost(model.cfg, model.world, routing), hw);
+          row["predicted_step_ms"] = pr.step_ms;
+          row["error_pct"] = 100.0 * (pr.step_ms - row["step_ms"].get<double>()) /
+                             row["step_ms"].get<double>();
+          for (const auto& [name, ms] : pr.phase_ms) row["predicted_" + name + "_ms"] = ms;
+        }
+        ++ran;
+      } else {
+        ++failed;
+      }
+      jsonl << row.dump() << "\n";
+      jsonl.flush();
+      csv << p.name << "," << row["status"].get<std::string>() << "," << p.launcher << ","
+          << p.ranks << "," << model.layout.ep << "," << model.layout.dp;
+      for (const auto& [k, v] : p.assignment)
+        if (k != "ranks" && k != "launcher") csv << "," << v;
+      for (const auto& c : metric_cols) csv << "," << (row.contains(c) ? row[c].dump() : "");
+      csv << "\n";
+      csv.flush();
+      std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << p.name << ": "
+                << row["status"].get<std::string>();
+      if (row["status"] == "ok") {
+        std::cout << ", " << static_cast<int64_t>(row["tokens_per_s"].get<double>())
+                  << " tokens/s, step " << fixed(row["step_ms"].get<double>(), 1) << " ms"
+                  << (R > 1 ? " (median of " + std::to_string(R) + ")" : "");
+        if (row.contains("predicted_step_ms"))
+          std::cout << " (predicted " << fixed(row["predicted_step_ms"].get<double>(), 1)
+                    << " ms, " << (row["error_pct"].get<double>() >= 0 ? "+" : "")
+                    << fixed(row["error_pct"].get<double>(), 1) << "%)";
+        std::cout << ", loss " << fixed(row["final_loss"].get<double>(), 4);
+      } else {
+        std::cout << " (" << row["error"].get<std::string>() << ")";
+      }
+      std::cout << std::endl;
     }
-    jsonl << row.dump() << "\n";
-    jsonl.flush();
-    csv << p.name << "," << row["status"].get<std::string>() << "," << p.launcher << ","
-        << p.ranks << "," << model.layout.ep << "," << model.layout.dp;
-    for (const auto& [k, v] : p.assignment)
-      if (k != "ranks" && k != "launcher") csv << "," << v;
-    for (const auto& c : metric_cols) csv << "," << (row.contains(c) ? row[c].dump() : "");
-    csv << "\n";
-    csv.flush();
-    std::cout << "[sweep " << i + 1 << "/" << points.size() << "] " << p.name << ": "
-              << row["status"].get<std::string>();
-    if (row["status"] == "ok") {
-      std::cout << ", " << static_cast<int64_t>(row["tokens_per_s"].get<double>())
-                << " tokens/s, step " << fixed(row["step_ms"].get<double>(), 1) << " ms";
-      if (row.contains("predicted_step_ms"))
-        std::cout << " (predicted " << fixed(row["predicted_step_ms"].get<double>(), 1) << " ms, "
-                  << (row["error_pct"].get<double>() >= 0 ? "+" : "")
-                  << fixed(row["error_pct"].get<double>(), 1) << "%)";
-      std::cout << ", loss " << fixed(row["final_loss"].get<double>(), 4);
-    } else {
-      std::cout << " (" << row["error"].get<std::string>() << ")";
-    }
-    std::cout << std::endl;
   }
   std::cout << "sweep: " << ran << " ran, " << skipped << " skipped (done earlier), " << failed
             << " failed, " << invalid << " invalid (layout does not fit); results in " << out << "/results.csv and results.jsonl\n";
