@@ -537,11 +537,23 @@ TEST(Sweep, PredictProjectsEveryValidPointWithoutRunning) {
   EXPECT_EQ(rows, 13);  // 8 worlds x 2 EP sizes, minus EP 64 on 8, 16 and 32 GPUs
   // EP 64 sends most rows off the node; EP 8 keeps them on NVLink.
   EXPECT_GT(a2a_share["ranks=64__parallel.ep=64"], a2a_share["ranks=64__parallel.ep=8"]);
-  EXPECT_EQ(run_moe("sweep " MOE_SOURCE_DIR "/configs/scaling/ep.yaml --predict --out " +
-                        fresh_dir("predict_cpu"),
-                    &out),
-            0)
-      << out;
+  // A CPU profile, ranks sharing the cores: 4 ranks on 2 cores take twice as long as 2.
+  std::string cpu = write_sweep("predict_cpu",
+                                "hardware: " MOE_SOURCE_DIR "/configs/hardware/cpu-local.yaml\n"
+                                "grid:\n  ranks: [2, 4]\n");
+  const std::string cpu_out = fresh_dir("predict_cpu_out");
+  ASSERT_EQ(run_moe("sweep " + cpu + " --predict --out " + cpu_out, &out), 0) << out;
+  std::ifstream cpu_csv(cpu_out + "/predictions.csv");
+  std::vector<double> step_ms;
+  std::getline(cpu_csv, line);
+  while (std::getline(cpu_csv, line)) {
+    std::stringstream ss(line);
+    std::vector<std::string> f;
+    for (std::string cell; std::getline(ss, cell, ',');) f.push_back(cell);
+    step_ms.push_back(std::stod(f[5]));
+  }
+  ASSERT_EQ(step_ms.size(), 2u);
+  EXPECT_GT(step_ms[1], 1.5 * step_ms[0]);
 }
 
 // Strong scaling: global_batch fixes the sequences per step over all ranks.

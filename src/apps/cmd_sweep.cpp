@@ -8,7 +8,8 @@
 //   ranks: 2                   # world size per point
 //   steps: 20                  # train.steps per point (default: the base's sweep.steps;
 //                              # 0 = train.steps)
-//   hardware: ../hardware/cpu-local.yaml  # profile for the cost model (optional)
+//   hardware: ../hardware/cpu-local.yaml  # profile for the cost model (optional);
+//                              # `calibrate`: measure this machine first (DIR/hardware.yaml)
 //   global_batch: 32           # strong scaling: train.batch = 32 / (ranks x grad_accum)
 //   repeats: 3                 # runs per point, interleaved (point 1..N, then again);
 //                              # results hold the medians (a slow spell of a shared
@@ -98,7 +99,9 @@ Sweep parse_sweep(const std::string& path) {
     return (slash == std::string::npos ? std::string(".") : path.substr(0, slash)) + "/" + file;
   };
   s.base = beside_sweep(root["base"].Scalar());
-  if (root["hardware"]) s.hardware = beside_sweep(root["hardware"].Scalar());
+  if (root["hardware"])
+    s.hardware = root["hardware"].Scalar() == "calibrate" ? "calibrate"
+                                                          : beside_sweep(root["hardware"].Scalar());
   // The base config's `sweep` section gives the defaults; the sweep file overrides them.
   const Config base_cfg = load_config(s.base);
   s.launcher = base_cfg.sweep.launcher;
@@ -355,12 +358,31 @@ int run_sweep(const SweepArgs& args) {
   // Every point's config must be valid before anything runs.
   std::vector<PointModel> models;
   for (auto& p : points) models.push_back(point_model(sweep, p));
+  const std::string out = args.out_dir.empty() ? "runs/sweep" : args.out_dir;
+  if (sweep.hardware == "calibrate") {
+    // Measure this machine now, so the predictions describe the state it is
+    // in while the points run (a shared host drifts by tens of percent over
+    // minutes); a resumed sweep reuses the profile.
+    std::string error = make_directories(out);
+    if (!error.empty()) MOE_THROW(UsageError, "--out: " << error);
+    sweep.hardware = out + "/hardware.yaml";
+    if (::access(sweep.hardware.c_str(), F_OK) != 0) {
+      std::cout << "[sweep] calibrating this machine (moe bench calibrate, ~25 s) into "
+                << sweep.hardware << std::endl;
+      const std::string cmd = shell_quote(self_executable()) + " bench calibrate --out " +
+                              shell_quote(sweep.hardware) + " > " +
+                              shell_quote(out + "/calibrate.log") + " 2>&1";
+      MOE_CHECK(std::system(cmd.c_str()) == 0,
+                "sweep: calibration failed (see " << out << "/calibrate.log)");
+    } else {
+      std::cout << "[sweep] reusing the calibration in " << sweep.hardware << std::endl;
+    }
+  }
   if (args.predict) return predict_sweep(sweep, points, models, args.out_dir);
 
   HardwareProfile hw;
   const bool have_hw = !sweep.hardware.empty();
   if (have_hw) hw = load_hardware_profile(sweep.hardware);
-  const std::string out = args.out_dir.empty() ? "runs/sweep" : args.out_dir;
   std::string error = make_directories(out + "/points");
   if (!error.empty()) MOE_THROW(UsageError, "--out: " << error);
   std::set<std::string> done;
