@@ -201,12 +201,6 @@ std::vector<Point> expand(const Sweep& s) {
 
 // Summary of a finished point's metrics.jsonl: medians over the steps after
 // the first (warm-up), so one slow step on a shared machine does not move them.
-double median_of(std::vector<double> v) {
-  if (v.empty()) return 0.0;
-  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-  return v[v.size() / 2];
-}
-
 nlohmann::json summarize(const std::string& run_dir) {
   std::ifstream in(run_dir + "/metrics.jsonl");
   std::vector<nlohmann::json> steps;
@@ -237,11 +231,11 @@ nlohmann::json summarize(const std::string& run_dir) {
     for (double x : v) sum += x;
     return v.empty() ? 0.0 : sum / double(v.size());
   };
-  r["tokens_per_s"] = median_of(tps);
-  r["step_ms"] = median_of(step_ms);
+  r["tokens_per_s"] = median(tps);
+  r["step_ms"] = median(step_ms);
   r["drop_frac"] = mean(drop);
   r["load_imbalance"] = mean(imbalance);
-  for (const auto& [name, v] : phases) r[name + "_ms"] = median_of(v);
+  for (const auto& [name, v] : phases) r[name + "_ms"] = median(v);
   r["final_loss"] = steps.back()["loss"];
   // Memory: the run's memory.json (estimate and the process's peak RSS).
   std::ifstream mem_in(run_dir + "/memory.json");
@@ -523,7 +517,7 @@ int run_sweep(const SweepArgs& args) {
       row["wall_s"] = wall;
       if (!failed_now) {
         row["status"] = "ok";
-        for (const auto& [key, v] : values) row[key] = median_of(v);
+        for (const auto& [key, v] : values) row[key] = median(v);
         if (R > 1) {
           std::vector<double> reps;
           for (int64_t r = 0; r < R; ++r)

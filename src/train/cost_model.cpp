@@ -48,6 +48,9 @@ const PhaseCost& StepCost::phase(const std::string& name) const {
     if (p.name == name) return p;
   MOE_THROW(UsageError, "cost model: no phase '" << name << "'");
 }
+PhaseCost& StepCost::phase(const std::string& name) {
+  return const_cast<PhaseCost&>(static_cast<const StepCost&>(*this).phase(name));
+}
 int64_t StepCost::flops() const {
   int64_t f = 0;
   for (const auto& p : phases) f += p.flops();
@@ -158,14 +161,10 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
     phase.streaming = name != "attention_dense";
     c.phases.push_back(phase);
   }
-  auto ph = [&](const char* n) -> PhaseCost& {
-    for (auto& p : c.phases)
-      if (p.name == n) return p;
-    MOE_THROW(UsageError, "cost model: no phase " << n);
-  };
+
 
   // ---- attention and dense blocks, embedding, head and loss (forward + backward)
-  PhaseCost& att = ph("attention_dense");
+  PhaseCost& att = c.phase("attention_dense");
   att.gemms.push_back({s.T, 3 * s.D, s.D, 1, s.L * R});                       // qkv
   att.gemms.push_back({s.T, s.D, s.D, 1, s.L * R});                           // output projection
   // q k^T and att v: B x heads products of [S, hd] x [hd, S] and [S, S] x [S, hd] (same FLOPs).
@@ -191,7 +190,7 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
 
   // ---- MoE layers
   if (Lm > 0) {
-    PhaseCost& router = ph("router");
+    PhaseCost& router = c.phase("router");
     router.gemms.push_back({s.T, s.E, s.D, 1, Lm * R});
     router.memory_bytes = Lm * R * eb * (30 * s.T * s.E + 4 * s.T * s.k);
     router.ops = Lm * R * 90;
@@ -199,14 +198,14 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
     if (s.ep > 1)  // routing statistics: one all-reduce of 3E + 3 doubles
       router.collectives.push_back({"all_reduce", s.ep, (3 * s.E + 3) * 8, 0, Lm * R});
 
-    PhaseCost& permute = ph("permute");
+    PhaseCost& permute = c.phase("permute");
     permute.memory_bytes = Lm * R * eb * 2 * (TD + send_rows * s.D);
     permute.ops = Lm * R * 6;
-    PhaseCost& unpermute = ph("unpermute");
+    PhaseCost& unpermute = c.phase("unpermute");
     unpermute.memory_bytes = Lm * R * eb * (3 * TD + 3 * send_rows * s.D);
     unpermute.ops = Lm * R * 10;
 
-    PhaseCost& experts = ph("experts");
+    PhaseCost& experts = c.phase("experts");
     const int64_t segments = s.ep > 1 ? EL * s.ep : s.E;
     experts.gemms.push_back({rows, s.H, s.D, segments, (s.act_mats - 1) * Lm * R});  // w1 (w3)
     experts.gemms.push_back({rows, s.D, s.H, segments, Lm * R});                      // w2
@@ -229,11 +228,11 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
       // Dispatch: fill counts, then the rows; its backward sends the
       // gradients back with the counts swapped. Combine is the mirror image.
       const int64_t bytes = send_rows * s.D * eb, off = off_rank_rows * s.D * eb;
-      PhaseCost& dispatch = ph("dispatch");
+      PhaseCost& dispatch = c.phase("dispatch");
       dispatch.collectives.push_back({"all_to_all", s.ep, s.E * 8, (s.E - EL) * 8, Lm * R});
       dispatch.collectives.push_back({"all_to_all", s.ep, bytes, off, 2 * Lm * R});
       dispatch.ops = Lm * R * 8;
-      PhaseCost& combine = ph("combine");
+      PhaseCost& combine = c.phase("combine");
       combine.collectives.push_back({"all_to_all", s.ep, bytes, off, 2 * Lm * R});
       combine.ops = Lm * R * 4;
     }
@@ -242,7 +241,7 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
   // ---- gradient sync: replicated parameters over the world, experts over
   // their expert-DP group, in buckets; then the global norm for clipping.
   const ParamCount pc = param_count(s);
-  PhaseCost& sync = ph("grad_sync");
+  PhaseCost& sync = c.phase("grad_sync");
   const int64_t bucket = std::max<int64_t>(1, int64_t(cfg.parallel.grad_bucket_mb * 1048576.0));
   if (s.world > 1) {
     const int64_t bytes = pc.shared * 4;
@@ -262,7 +261,7 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
 
   // ---- AdamW: ~16 passes over parameter-sized tensors (decay, both moments,
   // bias corrections, the update), ~12 ops per tensor; zeroing the gradients.
-  PhaseCost& opt = ph("optimizer");
+  PhaseCost& opt = c.phase("optimizer");
   opt.memory_bytes = 17 * 4 * (pc.shared + pc.expert);
   opt.working_set_bytes = 4 * 4 * (pc.shared + pc.expert);  // parameters, gradients, 2 moments
   opt.ops = 13 * pc.tensors;

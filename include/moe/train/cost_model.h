@@ -76,6 +76,7 @@ struct StepCost {
   double train_flops_per_token = 0;   // 3 x forward FLOPs/token (active params + attention): MFU
   std::vector<PhaseCost> phases;      // step_phase_names() order
   const PhaseCost& phase(const std::string& name) const;
+  PhaseCost& phase(const std::string& name);
   int64_t flops() const;
 };
 
