@@ -10,6 +10,7 @@
 #include "moe/apps/common.h"
 #include "moe/comm/launch.h"
 #include "moe/core/error.h"
+#include "moe/core/stats.h"
 #include "moe/core/filesystem.h"
 #include "moe/core/log.h"
 #include "moe/core/timer.h"

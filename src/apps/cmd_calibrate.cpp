@@ -21,6 +21,7 @@
 #include "moe/apps/common.h"
 #include "moe/comm/thread_comm.h"
 #include "moe/core/error.h"
+#include "moe/core/stats.h"
 #include "moe/core/threads.h"
 #include "moe/core/timer.h"
 #include "moe/train/cost_model.h"

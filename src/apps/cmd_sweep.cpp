@@ -39,6 +39,7 @@
 #include "moe/apps/common.h"
 #include "moe/config/config.h"
 #include "moe/core/error.h"
+#include "moe/core/stats.h"
 #include "moe/core/filesystem.h"
 #include "moe/core/timer.h"
 #include "moe/train/cost_model.h"

@@ -23,13 +23,6 @@ int thread_ranks(int flag_ranks, const Config& cfg) {
   return cfg.parallel.ranks > 0 ? static_cast<int>(cfg.parallel.ranks) : 1;
 }
 
-double median(std::vector<double> v) {
-  MOE_CHECK(!v.empty(), "median of an empty list");
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 std::string self_executable() {
   char self[4096];
   const ssize_t len = ::readlink("/proc/self/exe", self, sizeof self - 1);

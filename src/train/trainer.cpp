@@ -15,6 +15,7 @@
 #include "moe/core/filesystem.h"
 #include "moe/core/log.h"
 #include "moe/core/memory.h"
+#include "moe/core/stats.h"
 #include "moe/core/timer.h"
 #include "moe/model/transformer.h"
 #include "moe/parallel/checkpoint.h"
@@ -240,8 +241,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     auto median_of = [&](size_t column) {
       std::vector<double> v;
       for (const auto& row : step_times) v.push_back(row[column]);
-      std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-      return v[v.size() / 2];
+      return median(v);
     };
     const size_t phases = step_phase_names().size();
     for (size_t p = 0; p < phases; ++p) result.median_phase_ms.push_back(median_of(p));

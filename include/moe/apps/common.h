@@ -13,9 +13,6 @@ Config load_config_or_defaults(const std::string& path, const std::vector<std::s
 // Thread ranks for the thread backend: --ranks N, else parallel.ranks, else 1.
 int thread_ranks(int flag_ranks, const Config& cfg);
 
-// Median of a non-empty list.
-double median(std::vector<double> v);
-
 // Path of the running `moe` executable (to start it again for sweep points
 // and calibration runs: each in a fresh process).
 std::string self_executable();
