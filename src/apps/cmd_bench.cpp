@@ -1,5 +1,6 @@
 // `moe bench comm|layer|calibrate`.
 #include <sys/stat.h>
+#include <torch/cuda.h>
 
 #include <cstdio>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include "moe/core/timer.h"
 #include "moe/moe/moe_layer.h"
 #include "moe/parallel/safetensors.h"
+#include "moe/train/trainer.h"
 #if MOE_HAVE_MPI
 #include "moe/comm/mpi_comm.h"
 #endif
@@ -36,7 +38,7 @@ struct CommRow {
 // bytes_per_peer, its own block included) / median time.
 std::vector<CommRow> bench_comm(comm::Communicator& c, const Config& cfg) {
   const int n = c.size();
-  const auto dtype = cfg.bench.dtype == "bfloat16" ? torch::kBFloat16 : torch::kFloat32;
+  const auto dtype = cfg.bench.dtype == DType::BFloat16 ? torch::kBFloat16 : torch::kFloat32;
   const int64_t row_elems = 1024 / torch::elementSize(dtype);  // 1 KiB rows
   std::vector<CommRow> rows;
 #if MOE_HAVE_MPI
@@ -160,7 +162,7 @@ torch::Tensor naive_moe(const torch::Tensor& x, MoELayer& layer, const MoeConfig
       torch::Tensor mask = ej == e;
       if (!mask.any().item<bool>()) continue;
       torch::Tensor xe = x.index({mask});
-      torch::Tensor h = c.activation == "swiglu"
+      torch::Tensor h = c.activation == Activation::SwiGLU
                             ? torch::silu(torch::mm(xe, layer.w1[e])) * torch::mm(xe, layer.w3[e])
                             : torch::gelu(torch::mm(xe, layer.w1[e]));
       torch::Tensor ye = torch::mm(h, layer.w2[e]) * gate.select(1, j).index({mask}).unsqueeze(1);
@@ -173,56 +175,101 @@ torch::Tensor naive_moe(const torch::Tensor& x, MoELayer& layer, const MoeConfig
 struct LayerBench {
   std::vector<std::pair<std::string, double>> ms;           // name -> median ms (slowest rank)
   double phase_ms[PhaseTimes::Count] = {0, 0, 0, 0, 0, 0};  // rank 0 medians, forward + backward
+  double gemm_flops = 0;  // forward+backward FLOPs of the expert products (this rank)
+  std::string device;
   LayerStats stats;
 };
 
+// Waits for the device so host clocks measure kernels (a no-op on CPU).
+void sync_device(const torch::Device& d) {
+  if (d.is_cuda()) torch::cuda::synchronize(d.index());
+}
+
 LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::string& dump_dir) {
   const MoeConfig& mc = cfg.moe;
-  const int64_t T = cfg.bench.tokens, D = cfg.model.d_model, k = mc.top_k;
+  const int64_t T = cfg.bench.tokens, D = cfg.model.d_model, k = mc.top_k, H = mc.d_expert;
   const int ep = c.size();
+  const torch::Device device = resolve_device(cfg.parallel.device, c.rank());
+  const auto dtype = cfg.bench.dtype == DType::BFloat16 ? torch::kBFloat16 : torch::kFloat32;
   MoELayer layer(mc, D, c, static_cast<uint64_t>(cfg.train.seed));
+  layer.to(device);
+  if (dtype != torch::kFloat32) {
+    // Expert weights held in the compute dtype (as a bf16 training step sees
+    // them after its one cast); the router stays float32.
+    torch::NoGradGuard ng;
+    for (auto* w : {&layer.w1, &layer.w3, &layer.w2})
+      if (w->defined()) w->set_data(w->to(dtype));
+  }
   const int64_t EL = layer.experts_per_rank();
-  torch::Tensor x = torch::randn({T, D}).requires_grad_(true);
-  torch::Tensor gy = torch::randn({T, D});
+  const auto opt = torch::TensorOptions().device(device).dtype(dtype);
+  torch::Tensor x = torch::randn({T, D}, opt).requires_grad_(true);
+  torch::Tensor gy = torch::randn({T, D}, opt);
   // The floor: the same expert MLPs on T*k pre-sorted rows, balanced over the local experts.
   const int64_t rows = T * k;
-  torch::Tensor xs = torch::randn({rows, D}).requires_grad_(true);
-  torch::Tensor gys = torch::randn({rows, D});
+  torch::Tensor xs = torch::randn({rows, D}, opt).requires_grad_(true);
+  torch::Tensor gys = torch::randn({rows, D}, opt);
   std::vector<ExpertSegment> segs;
   for (int64_t le = 0; le < EL; ++le) {
     int64_t lo = rows * le / EL, hi = rows * (le + 1) / EL;
     segs.push_back({le, lo, hi - lo});
   }
-  const bool swiglu = mc.activation == "swiglu";
-  const bool with_naive = ep == 1;
-  std::vector<double> t_limit, t_naive, t_layer;
+  const bool swiglu = mc.activation == Activation::SwiGLU;
+  // Reference: one dense GEMM chain of the same per-expert shape over all rows.
+  torch::Tensor dw1 = torch::randn({1, D, H}, opt).requires_grad_(true);
+  torch::Tensor dw3 = torch::randn({1, D, H}, opt).requires_grad_(true);
+  torch::Tensor dw2 = torch::randn({1, H, D}, opt).requires_grad_(true);
+  const std::vector<ExpertSegment> one{{0, 0, rows}};
+  const bool with_naive = ep == 1 && device.is_cpu();
+  const bool with_gather = device.is_cpu() && dtype == torch::kFloat32;  // CPU loops vs gathers
+  std::vector<double> t_limit, t_dense, t_naive, t_layer, t_gather;
   std::vector<std::vector<double>> phases(PhaseTimes::Count);
   LayerBench out;
+  out.device = device.str();
+  out.gemm_flops = 2.0 * double(rows) * double(D) * double(H) * (swiglu ? 3 : 2) * 3;
+  auto timed = [&](std::vector<double>& into, bool keep, const std::function<void()>& body) {
+    c.barrier();
+    sync_device(device);
+    Stopwatch sw;
+    body();
+    sync_device(device);
+    if (keep) into.push_back(sw.seconds());
+  };
   const int64_t total = cfg.bench.warmup + cfg.bench.reps;
   for (int64_t rep = 0; rep < total; ++rep) {
     const bool keep = rep >= cfg.bench.warmup;
-    c.barrier();
-    Stopwatch sw;
-    expert_mlp(xs, layer.w1, layer.w3, layer.w2, segs, swiglu).backward(gys);
-    if (keep) t_limit.push_back(sw.seconds());
+    timed(t_limit, keep, [&] {
+      expert_mlp(xs, layer.w1, layer.w3, layer.w2, segs, swiglu).backward(gys);
+    });
     clear_grads(layer);
     xs.mutable_grad().reset();
+    timed(t_dense, keep, [&] {
+      expert_mlp(xs, dw1, swiglu ? dw3 : torch::Tensor(), dw2, one, swiglu).backward(gys);
+    });
+    for (auto* w : {&dw1, &dw3, &dw2}) w->mutable_grad().reset();
+    xs.mutable_grad().reset();
     if (with_naive) {
-      c.barrier();
-      sw.reset();
-      naive_moe(x, layer, mc).backward(gy);
-      if (keep) t_naive.push_back(sw.seconds());
+      timed(t_naive, keep, [&] { naive_moe(x, layer, mc).backward(gy); });
       clear_grads(layer);
       x.mutable_grad().reset();
     }
-    c.barrier();
-    layer.times.reset();
-    sw.reset();
-    MoEOutput o = layer.forward(x, true);
-    ((o.y * gy).sum() + o.aux_loss + o.z_loss).backward();
+    if (with_gather) {
+      set_row_kernel(RowKernel::Gather);
+      timed(t_gather, keep, [&] {
+        MoEOutput o = layer.forward(x, true);
+        ((o.y * gy).sum() + o.aux_loss + o.z_loss).backward();
+      });
+      set_row_kernel(RowKernel::Auto);
+      clear_grads(layer);
+      x.mutable_grad().reset();
+    }
+    layer.times().reset();
+    MoEOutput o;
+    timed(t_layer, keep, [&] {
+      o = layer.forward(x, true);
+      ((o.y * gy.to(o.y.scalar_type())).sum() + o.aux_loss + o.z_loss).backward();
+    });
     if (keep) {
-      t_layer.push_back(sw.seconds());
-      for (int p = 0; p < PhaseTimes::Count; ++p) phases[p].push_back(layer.times.total(p));
+      for (int p = 0; p < PhaseTimes::Count; ++p) phases[p].push_back(layer.times().total(p));
       out.stats = o.stats;
     }
     if (!dump_dir.empty() && rep + 1 == total) {
@@ -246,7 +293,7 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
           t[pre + "w3.weight.grad"] = layer.w3.grad()[le].t();
         }
       }
-      RouterOutput ro = layer.router->forward(x.detach(), false);
+      RouterOutput ro = layer.router->forward(x.detach().to(torch::kFloat32), false);
       t["routing.expert_ids"] = ro.expert_idx;
       t["routing.gate_weights"] = ro.gate.detach();
       t["aux_loss"] = o.aux_loss.detach().view({1});
@@ -254,8 +301,8 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
       std::map<std::string, std::string> meta = {
           {"experts", std::to_string(mc.experts)},
           {"top_k", std::to_string(k)},
-          {"score_fn", mc.score_fn},
-          {"activation", mc.activation},
+          {"score_fn", enum_name(mc.score_fn)},
+          {"activation", enum_name(mc.activation)},
           {"capacity_factor", std::to_string(mc.capacity_factor)},
           {"rank", std::to_string(c.rank())},
           {"world", std::to_string(ep)},
@@ -275,7 +322,9 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
            1e3;
   };
   out.ms.push_back({"expert_only_limit", slowest_median(t_limit)});
+  out.ms.push_back({"dense_gemm", slowest_median(t_dense)});
   if (with_naive) out.ms.push_back({"naive_loop", slowest_median(t_naive)});
+  if (with_gather) out.ms.push_back({"moe_layer_gathers", slowest_median(t_gather)});
   out.ms.push_back({"moe_layer", slowest_median(t_layer)});
   for (int p = 0; p < PhaseTimes::Count; ++p) out.phase_ms[p] = median(phases[p]) * 1e3;
   return out;
@@ -284,8 +333,12 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
 void report_layer(const LayerBench& b, const Config& cfg, int world, bool json) {
   const double limit = b.ms[0].second;
   nlohmann::json results = nlohmann::json::array();
-  for (const auto& [name, ms] : b.ms)
-    results.push_back({{"name", name}, {"ms", ms}, {"ratio_to_limit", ms / limit}});
+  for (const auto& [name, ms] : b.ms) {
+    nlohmann::json r = {{"name", name}, {"ms", ms}, {"ratio_to_limit", ms / limit}};
+    if (name == "expert_only_limit" || name == "dense_gemm")
+      r["gemm_tflops"] = b.gemm_flops / (ms * 1e-3) / 1e12;
+    results.push_back(r);
+  }
   nlohmann::json breakdown = nlohmann::json::object();
   double layer_ms = b.ms.back().second, accounted = 0;
   for (int p = 0; p < PhaseTimes::Count; ++p) {
@@ -296,6 +349,8 @@ void report_layer(const LayerBench& b, const Config& cfg, int world, bool json) 
   const auto& m = cfg.moe;
   nlohmann::json doc = {{"benchmark", "layer"},
                         {"world", world},
+                        {"device", b.device},
+                        {"dtype", enum_name(cfg.bench.dtype)},
                         {"tokens_per_rank", cfg.bench.tokens},
                         {"d_model", cfg.model.d_model},
                         {"d_expert", m.d_expert},
@@ -310,14 +365,20 @@ void report_layer(const LayerBench& b, const Config& cfg, int world, bool json) 
     return;
   }
   std::printf(
-      "MoE layer forward+backward, fp32: T %lld/rank, D %lld, H %lld, E %lld, k %lld, cf %.2f, "
-      "world %d\n",
+      "MoE layer forward+backward, %s on %s: T %lld/rank, D %lld, H %lld, E %lld, k %lld, "
+      "cf %.2f, world %d\n",
+      enum_name(cfg.bench.dtype), b.device.c_str(),
       static_cast<long long>(cfg.bench.tokens), static_cast<long long>(cfg.model.d_model),
       static_cast<long long>(m.d_expert), static_cast<long long>(m.experts),
       static_cast<long long>(m.top_k), m.capacity_factor, world);
-  std::printf("%-20s %12s %10s\n", "variant", "median ms", "x limit");
-  for (const auto& [name, ms] : b.ms)
-    std::printf("%-20s %12.2f %10.3f\n", name.c_str(), ms, ms / limit);
+  std::printf("%-20s %12s %10s %12s\n", "variant", "median ms", "x limit", "GEMM TFLOP/s");
+  for (const auto& [name, ms] : b.ms) {
+    if (name == "expert_only_limit" || name == "dense_gemm")
+      std::printf("%-20s %12.2f %10.3f %12.3f\n", name.c_str(), ms, ms / limit,
+                  b.gemm_flops / (ms * 1e-3) / 1e12);
+    else
+      std::printf("%-20s %12.2f %10.3f\n", name.c_str(), ms, ms / limit);
+  }
   std::printf("moe_layer breakdown (rank 0 medians, forward+backward ms):");
   for (int p = 0; p < PhaseTimes::Count; ++p)
     std::printf(" %s %.2f", PhaseTimes::name(p), b.phase_ms[p]);
@@ -331,7 +392,7 @@ void report_layer(const LayerBench& b, const Config& cfg, int world, bool json) 
 int run_bench(const BenchArgs& args) {
   Config cfg = load_config_or_defaults(args.config_path, args.overrides);
   if (args.what == "layer") {
-    std::string backend = comm::resolve_backend(cfg.parallel.backend);
+    std::string backend = comm::resolve_backend(enum_name(cfg.parallel.backend));
     int nthreads = thread_ranks(args.ranks, cfg);
     comm::run_on_world(backend, nthreads, cfg.parallel.timeout_s, [&](comm::Communicator& c) {
       resolve_layout(cfg, c.size());  // experts divisible by the EP size, ranks consistent
@@ -341,7 +402,7 @@ int run_bench(const BenchArgs& args) {
     return kExitOk;
   }
   if (args.what == "calibrate") return run_calibrate(args);
-  std::string backend = comm::resolve_backend(cfg.parallel.backend);
+  std::string backend = comm::resolve_backend(enum_name(cfg.parallel.backend));
   int nthreads = thread_ranks(args.ranks, cfg);
   comm::run_on_world(backend, nthreads, cfg.parallel.timeout_s, [&](comm::Communicator& c) {
     auto rows = bench_comm(c, cfg);

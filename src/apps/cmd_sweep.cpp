@@ -105,7 +105,7 @@ Sweep parse_sweep(const std::string& path) {
                                                           : beside_sweep(root["hardware"].Scalar());
   // The base config's `sweep` section gives the defaults; the sweep file overrides them.
   const Config base_cfg = load_config(s.base);
-  s.launcher = base_cfg.sweep.launcher;
+  s.launcher = enum_name(base_cfg.sweep.launcher);
   s.steps = base_cfg.sweep.steps;
   s.point_timeout_s = base_cfg.sweep.point_timeout_s;
   if (root["launcher"]) s.launcher = root["launcher"].Scalar();

@@ -12,7 +12,7 @@ namespace moe::apps {
 int run_train(const TrainArgs& args) {
   if (args.config_path.empty()) MOE_THROW(UsageError, "moe train: CONFIG file is required");
   Config cfg = load_config(args.config_path, args.overrides);
-  const std::string backend = comm::resolve_backend(cfg.parallel.backend);
+  const std::string backend = comm::resolve_backend(enum_name(cfg.parallel.backend));
   const int nthreads = thread_ranks(args.ranks, cfg);
   if (backend == "thread") resolve_layout(cfg, nthreads);  // fail before starting threads
   TrainOptions opts;

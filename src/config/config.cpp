@@ -207,6 +207,41 @@ Field string_field(const char* section, const char* key, SectionOf<S> sec, std::
   return f;
 }
 
+// A choice among an enum's YAML names (EnumNames<E>); an unknown word is
+// refused at parse time with the choices and the closest one.
+template <typename S, typename E>
+Field enum_field(const char* section, const char* key, SectionOf<S> sec, E S::*m,
+                 const char* doc) {
+  Field f;
+  Config defaults;
+  std::vector<std::string> choices(std::begin(EnumNames<E>::names), std::end(EnumNames<E>::names));
+  std::string allowed;
+  for (size_t i = 0; i < choices.size(); ++i) allowed += (i ? " | " : "") + choices[i];
+  f.info = {section, key, "string", enum_name(defaults.*sec.*m), allowed, doc};
+  std::string name = std::string(section) + "." + key;
+  f.parse = [=](Config& c, const YAML::Node& n, const Origin& o) {
+    if (!n.IsScalar())
+      MOE_THROW(ConfigError, name << ": expected a string, got " << scalar_text(n) << " ("
+                                  << o.where(name, n) << ")");
+    const std::string v = n.Scalar();
+    for (size_t i = 0; i < choices.size(); ++i)
+      if (v == choices[i]) {
+        c.*sec.*m = static_cast<E>(i);
+        return;
+      }
+    std::string hint = closest_match(v, choices);
+    MOE_THROW(ConfigError, name << " = '" << v << "' is not allowed: choose one of " << allowed
+                                << (hint.empty() ? "" : " (did you mean '" + hint + "'?)") << " ("
+                                << o.where(name, n) << ")");
+  };
+  f.emit = [=](const Config& c, YAML::Emitter& e) {
+    e << YAML::Key << key << YAML::Value << YAML::DoubleQuoted << enum_name(c.*sec.*m);
+  };
+  f.equal = [=](const Config& a, const Config& b) { return a.*sec.*m == b.*sec.*m; };
+  f.check = [](const Config&) {};
+  return f;
+}
+
 template <typename S>
 Field int_list_field(const char* section, const char* key, SectionOf<S> sec,
                      std::vector<int64_t> S::*m, int64_t lo, const char* doc) {
@@ -287,6 +322,9 @@ const std::vector<Field>& schema() {
                             "RMSNorm epsilon"));
     v.push_back(float_field("model", "rope_theta", &C::model, &ModelConfig::rope_theta, 1.0, 1e9,
                             false, "rotary position base"));
+    v.push_back(enum_field("model", "attention", &C::model, &ModelConfig::attention,
+                           "causal attention kernel: auto = LibTorch's scaled_dot_product_attention "
+                           "(flash / memory-efficient on GPU), explicit = softmax(QK^T)V"));
     // moe
     v.push_back(int_field("moe", "experts", &C::moe, &MoeConfig::experts, 1, 65536,
                           "routed experts per MoE layer (global)"));
@@ -294,11 +332,10 @@ const std::vector<Field>& schema() {
                           "experts chosen per token (<= experts)"));
     v.push_back(int_field("moe", "d_expert", &C::moe, &MoeConfig::d_expert, 1, 1 << 22,
                           "hidden size of each expert MLP"));
-    v.push_back(string_field("moe", "activation", &C::moe, &MoeConfig::activation,
-                             {"swiglu", "gelu"},
+    v.push_back(enum_field("moe", "activation", &C::moe, &MoeConfig::activation,
                              "expert MLP: SwiGLU (gate/up/down) or GELU (up/down)"));
-    v.push_back(string_field("moe", "score_fn", &C::moe, &MoeConfig::score_fn,
-                             {"softmax", "sigmoid"}, "router score function"));
+    v.push_back(enum_field("moe", "score_fn", &C::moe, &MoeConfig::score_fn,
+                             "router score function"));
     v.push_back(float_field("moe", "temperature", &C::moe, &MoeConfig::temperature, 0.0, 1e6, true,
                             "router logits are divided by this before scoring"));
     v.push_back(float_field("moe", "capacity_factor", &C::moe, &MoeConfig::capacity_factor, 0.0,
@@ -306,15 +343,14 @@ const std::vector<Field>& schema() {
                             "capacity C = max(min_capacity, ceil(cf*T*k/E)); 0 = dropless"));
     v.push_back(int_field("moe", "min_capacity", &C::moe, &MoeConfig::min_capacity, 0, kIntMax,
                           "lower bound of the per-expert capacity"));
-    v.push_back(string_field(
-        "moe", "drop_policy", &C::moe, &MoeConfig::drop_policy, {"position", "probability"},
+    v.push_back(enum_field(
+        "moe", "drop_policy", &C::moe, &MoeConfig::drop_policy,
         "which over-capacity tokens are dropped: later positions, or lower gate probability"));
     v.push_back(float_field("moe", "aux_loss_coef", &C::moe, &MoeConfig::aux_loss_coef, 0.0, 1e3,
                             false, "Switch load-balance loss weight (alpha)"));
     v.push_back(float_field("moe", "z_loss_coef", &C::moe, &MoeConfig::z_loss_coef, 0.0, 1e3, false,
                             "router z-loss weight (beta)"));
-    v.push_back(string_field("moe", "aux_loss_scope", &C::moe, &MoeConfig::aux_loss_scope,
-                             {"global", "local"},
+    v.push_back(enum_field("moe", "aux_loss_scope", &C::moe, &MoeConfig::aux_loss_scope,
                              "load-balance statistics over the EP group's tokens or this rank's"));
     v.push_back(int_field("moe", "shared_experts", &C::moe, &MoeConfig::shared_experts, 0, 64,
                           "always-on shared experts (each of size d_expert)"));
@@ -334,9 +370,11 @@ const std::vector<Field>& schema() {
     v.push_back(float_field("moe", "bias_update_rate", &C::moe, &MoeConfig::bias_update_rate, 0.0,
                             1.0, false, "aux-loss-free balancing bias step (0 = off)"));
     // parallel
-    v.push_back(string_field("parallel", "backend", &C::parallel, &ParallelConfig::backend,
-                             {"auto", "thread", "mpi", "nccl"},
-                             "communication backend; auto = mpi under mpirun, else thread"));
+    v.push_back(enum_field("parallel", "backend", &C::parallel, &ParallelConfig::backend,
+                           "communication backend; auto = mpi under mpirun, else thread"));
+    v.push_back(enum_field("parallel", "device", &C::parallel, &ParallelConfig::device,
+                           "where tensors live; auto = CUDA when LibTorch has it and a GPU is "
+                           "visible (one per rank by node-local rank), else CPU"));
     v.push_back(int_field("parallel", "ranks", &C::parallel, &ParallelConfig::ranks, 0, 1 << 20,
                           "world size; 0 = from the launcher (--ranks N or mpirun -np N)"));
     v.push_back(int_field("parallel", "ep", &C::parallel, &ParallelConfig::ep, 0, 1 << 20,
@@ -362,8 +400,8 @@ const std::vector<Field>& schema() {
                             1.0, false, "final lr = lr * min_lr_ratio"));
     v.push_back(int_field("train", "warmup", &C::train, &TrainConfig::warmup, 0, kIntMax,
                           "linear warmup steps"));
-    v.push_back(string_field("train", "schedule", &C::train, &TrainConfig::schedule,
-                             {"cosine", "linear", "constant"}, "lr decay after warmup"));
+    v.push_back(enum_field("train", "schedule", &C::train, &TrainConfig::schedule,
+                           "lr decay after warmup"));
     v.push_back(float_field("train", "weight_decay", &C::train, &TrainConfig::weight_decay, 0.0,
                             10.0, false, "AdamW weight decay"));
     v.push_back(float_field("train", "beta1", &C::train, &TrainConfig::beta1, 0.0, 0.999999, false,
@@ -378,9 +416,12 @@ const std::vector<Field>& schema() {
                           "progress line every N steps"));
     v.push_back(int_field("train", "ckpt_every", &C::train, &TrainConfig::ckpt_every, 0, kIntMax,
                           "checkpoint every N steps (0 = only at the end)"));
+    v.push_back(enum_field("train", "dtype", &C::train, &TrainConfig::dtype,
+                           "compute precision: bfloat16 keeps fp32 master weights, AdamW state, "
+                           "gradient reduction and router math"));
     // data
-    v.push_back(string_field("data", "kind", &C::data, &DataConfig::kind, {"synthetic", "text"},
-                             "synthetic (learnable patterns) or byte-level text"));
+    v.push_back(enum_field("data", "kind", &C::data, &DataConfig::kind,
+                           "synthetic (learnable patterns) or byte-level text"));
     v.push_back(string_field("data", "path", &C::data, &DataConfig::path, {},
                              "text file or directory (kind: text)"));
     // bench
@@ -392,11 +433,11 @@ const std::vector<Field>& schema() {
                           "tokens per rank for `bench layer`"));
     v.push_back(int_list_field("bench", "sizes_kib", &C::bench, &BenchConfig::sizes_kib, 1,
                                "message sizes per peer for `bench comm` (KiB)"));
-    v.push_back(string_field("bench", "dtype", &C::bench, &BenchConfig::dtype,
-                             {"float32", "bfloat16"}, "element type of benchmark tensors"));
+    v.push_back(enum_field("bench", "dtype", &C::bench, &BenchConfig::dtype,
+                           "element type of benchmark tensors"));
     // sweep
-    v.push_back(string_field("sweep", "launcher", &C::sweep, &SweepConfig::launcher,
-                             {"thread", "mpirun"}, "how each sweep point is launched"));
+    v.push_back(enum_field("sweep", "launcher", &C::sweep, &SweepConfig::launcher,
+                           "how each sweep point is launched"));
     v.push_back(int_field("sweep", "steps", &C::sweep, &SweepConfig::steps, 0, kIntMax,
                           "steps per sweep point (0 = train.steps)"));
     v.push_back(float_field("sweep", "point_timeout_s", &C::sweep, &SweepConfig::point_timeout_s,
@@ -605,14 +646,22 @@ void validate_config(const Config& c) {
                                                << " but parallel.ranks = " << p.ranks
                                                << ": ep * dp must equal the world size");
   }
-  if (p.backend == "nccl" && !MOE_HAVE_NCCL)
+  if (p.backend == Backend::Nccl && !MOE_HAVE_NCCL)
     MOE_THROW(ConfigError,
               "parallel.backend = 'nccl' but this build has no NCCL backend "
               "(configure with the CUDA toolkit and NCCL present)");
-  if (p.backend == "mpi" && !MOE_HAVE_MPI)
+  if (p.backend == Backend::Mpi && !MOE_HAVE_MPI)
     MOE_THROW(ConfigError,
               "parallel.backend = 'mpi' but this build has no MPI backend "
               "(apt-get install libopenmpi-dev and rebuild)");
+  if (p.device == DeviceKind::Cuda && !MOE_TORCH_CUDA)
+    MOE_THROW(ConfigError,
+              "parallel.device = 'cuda' but this build's LibTorch has no CUDA (Debian's libtorch "
+              "is CPU-only): build against a CUDA LibTorch (README, \"GPUs\") or use "
+              "parallel.device=cpu|auto");
+  if (p.backend == Backend::Nccl && p.device == DeviceKind::Cpu)
+    MOE_THROW(ConfigError, "parallel.backend = 'nccl' needs CUDA tensors but parallel.device = "
+                           "'cpu': use parallel.device=cuda|auto or another backend");
   const auto& md = c.model;
   if (md.d_model % md.heads != 0)
     MOE_THROW(ConfigError, "model.d_model = " << md.d_model
@@ -627,12 +676,12 @@ void validate_config(const Config& c) {
         "model.moe_every = "
             << md.moe_every << " exceeds model.layers = " << md.layers
             << ": the model would have no MoE layer (set model.dense: true for a dense model)");
-  if (c.data.kind == "text" && c.data.path.empty())
+  if (c.data.kind == DataKind::Text && c.data.path.empty())
     MOE_THROW(ConfigError, "data.path is empty but data.kind = 'text' needs a file or directory");
-  if (c.data.kind == "synthetic" && md.vocab < 4)
+  if (c.data.kind == DataKind::Synthetic && md.vocab < 4)
     MOE_THROW(ConfigError,
               "model.vocab = " << md.vocab << " is too small for synthetic data: allowed >= 4");
-  if (c.data.kind == "text" && md.vocab < 256)
+  if (c.data.kind == DataKind::Text && md.vocab < 256)
     MOE_THROW(ConfigError,
               "model.vocab = " << md.vocab
                                << " but byte-level text (data.kind = 'text') needs vocab >= 256");

@@ -1,11 +1,11 @@
 #include "moe/model/transformer.h"
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <cmath>
 
 #include "moe/core/error.h"
 #include "moe/core/hash.h"
+#include "moe/core/random.h"
+#include "moe/core/torch_version.h"
 
 namespace moe {
 
@@ -15,11 +15,16 @@ uint64_t name_seed(uint64_t seed, const std::string& name) {
 }
 torch::Tensor init_normal(std::vector<int64_t> shape, double std, uint64_t seed,
                           const std::string& name) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(name_seed(seed, name));
-  return at::normal(0.0, std, shape, gen);
+  return seeded_normal(shape, std, name_seed(seed, name));
+}
+// A parameter in the compute dtype (no-op in float32 training).
+torch::Tensor cast_to(const torch::Tensor& w, c10::ScalarType dtype) {
+  return w.defined() && w.scalar_type() != dtype ? w.to(dtype) : w;
 }
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  return x * torch::rsqrt(x.pow(2).mean(-1, true) + eps) * w;
+  // The mean square in float32 (a no-op cast in float32 training).
+  torch::Tensor xf = x.to(torch::kFloat32);
+  return (xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type()) * w;
 }
 // Rotates pairs (even, odd) of the last dimension by position-dependent angles.
 torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos,
@@ -42,7 +47,8 @@ struct DenseMlp : torch::nn::Module {
                             init_normal({F, D}, 1.0 / std::sqrt(double(F)), seed, name + ".w2"));
   }
   torch::Tensor forward(const torch::Tensor& x) {
-    return torch::mm(torch::silu(torch::mm(x, w1)) * torch::mm(x, w3), w2);
+    const auto dt = x.scalar_type();
+    return torch::mm(torch::silu(torch::mm(x, cast_to(w1, dt))) * torch::mm(x, cast_to(w3, dt)), cast_to(w2, dt));
   }
 };
 
@@ -92,6 +98,22 @@ TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, ui
   rope_sin_ = ang.sin().to(torch::kFloat32);
 }
 
+torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, AttentionImpl impl) {
+  if (impl != AttentionImpl::Explicit) {
+#if MOE_HAVE_PUBLIC_SDPA
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+#else
+    return std::get<0>(at::_scaled_dot_product_attention(q, k, v, {}, 0.0, false, true));
+#endif
+  }
+  const int64_t S = q.size(-2);
+  torch::Tensor causal = torch::ones({S, S}, q.options().dtype(torch::kBool)).triu(1);
+  torch::Tensor att = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(double(q.size(-1)));
+  att = torch::softmax(att.masked_fill(causal, -std::numeric_limits<float>::infinity()), -1);
+  return torch::matmul(att, v);
+}
+
 LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed) {
   const auto& m = cfg_.model;
   MOE_CHECK_T(ShapeError, tokens.dim() == 2 && tokens.scalar_type() == torch::kInt64,
@@ -100,22 +122,22 @@ LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint
   const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model, H = m.heads, hd = D / H;
   MOE_CHECK_T(ShapeError, S <= m.seq_len,
               "sequence length " << S << " exceeds model.seq_len = " << m.seq_len);
-  torch::Tensor x = embedding_.index_select(0, tokens.reshape({-1})).view({B, S, D});
-  torch::Tensor cos = rope_cos_.narrow(0, 0, S), sin = rope_sin_.narrow(0, 0, S);
-  torch::Tensor causal = torch::ones({S, S}, torch::kBool).triu(1);
+  const auto dt = compute_dtype_;
+  const torch::Tensor tok = tokens.to(embedding_.device());
+  torch::Tensor x = cast_to(embedding_, dt).index_select(0, tok.reshape({-1})).view({B, S, D});
+  torch::Tensor cos = rope_cos_.narrow(0, 0, S).to(dt), sin = rope_sin_.narrow(0, 0, S).to(dt);
   LMOutput out;
-  out.aux_loss = torch::zeros({});
-  out.z_loss = torch::zeros({});
+  out.aux_loss = torch::zeros({}, embedding_.options());
+  out.z_loss = torch::zeros({}, embedding_.options());
   for (size_t i = 0; i < blocks_.size(); ++i) {
     Block& b = *blocks_[i];
-    torch::Tensor h = rms_norm(x, b.norm1, m.norm_eps);
-    torch::Tensor qkv = torch::matmul(h, b.wqkv).view({B, S, 3, H, hd}).permute({2, 0, 3, 1, 4});
+    torch::Tensor h = rms_norm(x, cast_to(b.norm1, dt), m.norm_eps);
+    torch::Tensor qkv =
+        torch::matmul(h, cast_to(b.wqkv, dt)).view({B, S, 3, H, hd}).permute({2, 0, 3, 1, 4});
     torch::Tensor q = apply_rope(qkv[0], cos, sin), k = apply_rope(qkv[1], cos, sin), v = qkv[2];
-    torch::Tensor att = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(double(hd));
-    att = torch::softmax(att.masked_fill(causal, -std::numeric_limits<float>::infinity()), -1);
-    torch::Tensor a = torch::matmul(att, v).transpose(1, 2).reshape({B, S, D});
-    x = x + torch::matmul(a, b.wo);
-    torch::Tensor h2 = rms_norm(x, b.norm2, m.norm_eps).view({B * S, D});
+    torch::Tensor a = causal_attention(q, k, v, m.attention).transpose(1, 2).reshape({B, S, D});
+    x = x + torch::matmul(a, cast_to(b.wo, dt));
+    torch::Tensor h2 = rms_norm(x, cast_to(b.norm2, dt), m.norm_eps).view({B * S, D});
     torch::Tensor f;
     if (b.moe) {
       MoEOutput mo = b.moe->forward(h2, training, noise_seed * 1000003ull + i);
@@ -128,9 +150,22 @@ LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint
     }
     x = x + f.view({B, S, D});
   }
-  x = rms_norm(x, final_norm_, m.norm_eps);
-  out.logits = torch::matmul(x, (head_.defined() ? head_ : embedding_).t());
+  x = rms_norm(x, cast_to(final_norm_, dt), m.norm_eps);
+  // Logits in float32: the loss (log-softmax over the vocabulary) wants the range.
+  out.logits = torch::matmul(x, cast_to(head_.defined() ? head_ : embedding_, dt).t()).to(torch::kFloat32);
   return out;
+}
+
+void TransformerLM::set_compute_dtype(c10::ScalarType dtype) {
+  MOE_CHECK_T(ConfigError, dtype == torch::kFloat32 || dtype == torch::kBFloat16,
+              "compute dtype " << dtype << " is not supported: allowed float32 | bfloat16");
+  compute_dtype_ = dtype;
+}
+
+void TransformerLM::to_device(const torch::Device& device) {
+  to(device);
+  rope_cos_ = rope_cos_.to(device);
+  rope_sin_ = rope_sin_.to(device);
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> TransformerLM::expert_parameters() const {
@@ -158,7 +193,7 @@ std::vector<std::pair<std::string, torch::Tensor>> TransformerLM::shared_paramet
 ModelCounts TransformerLM::counts() const {
   ModelCounts c;
   const auto& m = cfg_.model;
-  int64_t per_expert = (cfg_.moe.activation == "swiglu" ? 3 : 2) * m.d_model * cfg_.moe.d_expert;
+  int64_t per_expert = (cfg_.moe.activation == Activation::SwiGLU ? 3 : 2) * m.d_model * cfg_.moe.d_expert;
   int64_t shared = 0;
   for (const auto& p : shared_parameters()) shared += p.second.numel();
   int64_t moe_layers = static_cast<int64_t>(moe_layers_.size());

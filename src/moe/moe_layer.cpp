@@ -1,10 +1,9 @@
 #include "moe/moe/moe_layer.h"
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <cmath>
 
 #include "moe/core/error.h"
+#include "moe/core/random.h"
 #include "moe/core/timer.h"
 
 namespace moe {
@@ -16,16 +15,22 @@ uint64_t mix(uint64_t a, uint64_t b) {
   h *= 0xBF58476D1CE4E5B9ull;
   return h ^ (h >> 29);
 }
-
-torch::Tensor normal_init(std::vector<int64_t> shape, double std, uint64_t seed) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  return at::normal(0.0, std, shape, gen);
+// A weight in the compute dtype (a no-op in float32 training).
+torch::Tensor cast_to(const torch::Tensor& w, c10::ScalarType dtype) {
+  return w.defined() && w.scalar_type() != dtype ? w.to(dtype) : w;
 }
 }  // namespace
 
+RoutingTotals::RoutingTotals(int64_t e, const torch::TensorOptions& options)
+    : experts(e), packed(torch::zeros({3 * e + 4}, options.dtype(torch::kFloat64))) {}
+RoutingTotals::RoutingTotals(int64_t e, torch::Tensor p) : experts(e), packed(std::move(p)) {
+  MOE_CHECK(packed.numel() == 3 * e + 4,
+            "routing totals hold " << packed.numel() << " values, expected " << 3 * e + 4);
+}
+
 MoELayer::MoELayer(const MoeConfig& cfg, int64_t d_model, comm::Communicator& ep_group,
                    uint64_t seed)
-    : cfg_(cfg), d_model_(d_model), ep_(&ep_group) {
+    : cfg_(cfg), d_model_(d_model), ep_(&ep_group), dispatcher_(cfg, ep_group) {
   const int ep = ep_group.size();
   MOE_CHECK_T(ConfigError, cfg.experts % ep == 0,
               "moe.experts = " << cfg.experts << " is not divisible by the EP group size " << ep);
@@ -35,25 +40,26 @@ MoELayer::MoELayer(const MoeConfig& cfg, int64_t d_model, comm::Communicator& ep
   first_expert_ = ep_group.rank() * experts_local_;
   router = register_module("router", std::make_shared<Router>(cfg, d_model, mix(seed, 0xA11CE)));
   const int64_t D = d_model, H = cfg.d_expert;
+  const bool swiglu = cfg.activation == Activation::SwiGLU;
   std::vector<torch::Tensor> a, b, c;
   for (int64_t le = 0; le < experts_local_; ++le) {
     uint64_t s = mix(seed, 1000 + first_expert_ + le);
-    a.push_back(normal_init({D, H}, 1.0 / std::sqrt(double(D)), mix(s, 1)));
-    b.push_back(normal_init({D, H}, 1.0 / std::sqrt(double(D)), mix(s, 3)));
-    c.push_back(normal_init({H, D}, 1.0 / std::sqrt(double(H)), mix(s, 2)));
+    a.push_back(seeded_normal({D, H}, 1.0 / std::sqrt(double(D)), mix(s, 1)));
+    b.push_back(seeded_normal({D, H}, 1.0 / std::sqrt(double(D)), mix(s, 3)));
+    c.push_back(seeded_normal({H, D}, 1.0 / std::sqrt(double(H)), mix(s, 2)));
   }
   w1 = register_parameter("w1", torch::stack(a));
-  if (cfg.activation == "swiglu") w3 = register_parameter("w3", torch::stack(b));
+  if (swiglu) w3 = register_parameter("w3", torch::stack(b));
   w2 = register_parameter("w2", torch::stack(c));
   if (cfg.shared_experts > 0) {
     const int64_t HS = cfg.shared_experts * H;
     shared_w1 = register_parameter(
-        "shared_w1", normal_init({1, D, HS}, 1.0 / std::sqrt(double(D)), mix(seed, 7)));
-    if (cfg.activation == "swiglu")
+        "shared_w1", seeded_normal({1, D, HS}, 1.0 / std::sqrt(double(D)), mix(seed, 7)));
+    if (swiglu)
       shared_w3 = register_parameter(
-          "shared_w3", normal_init({1, D, HS}, 1.0 / std::sqrt(double(D)), mix(seed, 8)));
+          "shared_w3", seeded_normal({1, D, HS}, 1.0 / std::sqrt(double(D)), mix(seed, 8)));
     shared_w2 = register_parameter(
-        "shared_w2", normal_init({1, HS, D}, 1.0 / std::sqrt(double(HS)), mix(seed, 9)));
+        "shared_w2", seeded_normal({1, HS, D}, 1.0 / std::sqrt(double(HS)), mix(seed, 9)));
   }
 }
 
@@ -76,7 +82,107 @@ void MoELayer::load_global_experts(const torch::Tensor& g1, const torch::Tensor&
 }
 
 void MoELayer::update_balance_bias(const LayerStats& stats) {
-  router->update_balance_bias(torch::tensor(stats.tokens_per_expert, torch::kInt64));
+  router->update_balance_bias(torch::tensor(stats.tokens_per_expert, torch::kInt64)
+                                  .to(router->balance_bias.device()));
+}
+
+MoELayer::Routing MoELayer::route(const torch::Tensor& x, bool training, uint64_t noise_seed,
+                                  MoEOutput& out) {
+  const int64_t T = x.size(0), E = cfg_.experts, k = cfg_.top_k;
+  Stopwatch sw;
+  Routing r;
+  // Router math in float32 whatever the compute dtype (Megatron's --moe-router-dtype fp32).
+  r.router = router->forward(cast_to(x, torch::kFloat32), training, noise_seed);
+  const RouterOutput& ro = r.router;
+  DispatchPlan plan = dispatcher_.plan_slots(ro.expert_idx, ro.gate);
+  torch::Tensor probs =
+      cfg_.score_fn == ScoreFn::Softmax ? ro.scores : ro.scores / ro.scores.sum(-1, true);
+  torch::Tensor p_local = probs.mean(0);  // [E], differentiable
+  RoutingTotals totals(E, x.options());
+  {
+    torch::NoGradGuard ng;
+    torch::Tensor pd = probs.detach().to(torch::kFloat64);
+    totals.routed().copy_(plan.routed);
+    totals.dropped().fill_(double(T * k)).sub_(plan.kept.sum());
+    totals.tokens().fill_(double(T));
+    totals.prob_sum().copy_(pd.sum(0));
+    totals.entropy_sum().copy_(-(pd * pd.clamp_min(1e-30).log()).sum().view({1}));
+    totals.gate_sum().index_add_(0, ro.expert_idx.reshape({-1}),
+                                 ro.gate.detach().reshape({-1}).to(torch::kFloat64));
+    totals.nonfinite_logits().copy_((~torch::isfinite(ro.logits)).sum().view({1}));
+  }
+  times().forward[PhaseTimes::Router] += sw.seconds();
+  r.handle = dispatcher_.exchange(std::move(plan), totals.packed);
+  sw.reset();
+  const RoutingTotals g(E, r.handle.totals);  // host, summed over the EP group
+  const double* gv = g.packed.data_ptr<double>();
+  if (gv[3 * E + 3] > 0) {
+    // Every rank of the group sees the count, so every rank stops here together.
+    torch::Tensor bad = (~torch::isfinite(ro.logits)).nonzero().cpu();
+    std::ostringstream where;
+    if (bad.size(0) > 0)
+      where << "; on this rank first at token " << bad[0][0].item<int64_t>() << ", expert "
+            << bad[0][1].item<int64_t>() << " = "
+            << ro.logits.index({bad[0][0].item<int64_t>(), bad[0][1].item<int64_t>()})
+                   .item<double>();
+    else
+      where << "; this rank's are finite (another rank of the EP group has them)";
+    MOE_THROW(NumericError, "router logits are not finite: "
+                                << static_cast<int64_t>(gv[3 * E + 3]) << " of "
+                                << static_cast<int64_t>(gv[E + 1]) * E
+                                << " values over the EP group" << where.str()
+                                << " (check the input and the learning rate)");
+  }
+
+  // Losses: aux with f counted over the EP group ("global") or this rank ("local").
+  const double tokens_g = gv[E + 1];
+  torch::Tensor f = cfg_.aux_loss_scope == AuxLossScope::Global
+                        ? totals.routed().to(torch::kFloat32) / (tokens_g * k)
+                        : plan_routed_fraction(r.handle.plan);
+  out.aux_loss = cfg_.aux_loss_coef * E * (f * p_local).sum();
+  out.z_loss = cfg_.z_loss_coef * torch::logsumexp(ro.logits, -1).pow(2).mean();
+
+  LayerStats& st = out.stats;
+  st.tokens_per_expert.resize(E);
+  double mx = 0, sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    st.tokens_per_expert[e] = static_cast<int64_t>(std::llround(gv[e]));
+    mx = std::max(mx, gv[e]);
+    sum += gv[e];
+  }
+  st.gate_per_expert.assign(gv + 2 * E + 3, gv + 3 * E + 3);
+  st.tokens = static_cast<int64_t>(std::llround(tokens_g));
+  st.capacity = r.handle.plan.capacity;
+  st.drop_fraction = tokens_g > 0 ? gv[E] / (tokens_g * k) : 0.0;
+  st.router_entropy = tokens_g > 0 ? gv[2 * E + 2] / tokens_g : 0.0;
+  st.max_load = mx;
+  st.mean_load = sum / E;
+  {
+    // Host values for logging, from the host totals (no further device sync),
+    // except the local-scope aux and z, which are this rank's own losses.
+    torch::NoGradGuard ng;
+    if (cfg_.aux_loss_scope == AuxLossScope::Global) {
+      torch::Tensor pg = g.prob_sum() / std::max(tokens_g, 1.0);
+      torch::Tensor fg = g.routed() / std::max(tokens_g * k, 1.0);
+      st.aux_loss = cfg_.aux_loss_coef * E * (fg * pg).sum().item<double>();
+    } else {
+      st.aux_loss = out.aux_loss.item<double>();
+    }
+    st.z_loss = out.z_loss.item<double>();
+  }
+  times().forward[PhaseTimes::Router] += sw.seconds();
+  return r;
+}
+
+torch::Tensor MoELayer::plan_routed_fraction(const DispatchPlan& plan) const {
+  return plan.routed.to(torch::kFloat32) / double(plan.tokens * plan.top_k);
+}
+
+torch::Tensor MoELayer::experts(const torch::Tensor& rows,
+                                const std::vector<ExpertSegment>& segments) {
+  const auto dt = rows.scalar_type();
+  return expert_mlp(rows, cast_to(w1, dt), cast_to(w3, dt), cast_to(w2, dt), segments,
+                    cfg_.activation == Activation::SwiGLU, &times());
 }
 
 MoEOutput MoELayer::forward(const torch::Tensor& x, bool training, uint64_t noise_seed) {
@@ -84,112 +190,20 @@ MoEOutput MoELayer::forward(const torch::Tensor& x, bool training, uint64_t nois
               "MoE layer: input has hidden size "
                   << (x.dim() == 2 ? x.size(1) : -1) << " (shape " << comm::shape_str(x)
                   << "), the layer expects [T, " << d_model_ << "] (model.d_model)");
-  const int64_t T = x.size(0), E = cfg_.experts, k = cfg_.top_k, EL = experts_local_;
-  const int ep = ep_->size();
-  const bool swiglu = cfg_.activation == "swiglu";
+  MOE_CHECK_T(ShapeError, x.device() == w1.device(),
+              "MoE layer: input on " << x.device() << " but the layer's weights on "
+                                     << w1.device());
   MoEOutput out;
-
-  // ---- router, plan, losses, statistics
-  Stopwatch sw;
-  RouterOutput ro = router->forward(x, training, noise_seed);
-  DispatchPlan plan = make_dispatch_plan(ro.expert_idx, ro.gate, E, ep, cfg_.capacity_factor,
-                                         cfg_.min_capacity, cfg_.drop_policy, /*padded=*/ep > 1);
-  torch::Tensor probs =
-      cfg_.score_fn == "softmax" ? ro.scores : ro.scores / ro.scores.sum(-1, true);
-  torch::Tensor p_local = probs.mean(0);  // [E], differentiable
-  // One reduction carries everything global:
-  // [routed(E), dropped, tokens, prob sums(E), entropy sum, gate sums(E)].
-  torch::Tensor global;
-  {
-    torch::NoGradGuard ng;
-    torch::Tensor pd = probs.detach().to(torch::kFloat64);
-    torch::Tensor entropy = -(pd * pd.clamp_min(1e-30).log()).sum();
-    global = torch::cat({torch::tensor(plan.routed, torch::kInt64).to(torch::kFloat64),
-                         torch::tensor({double(plan.dropped), double(T)}, torch::kFloat64),
-                         pd.sum(0), entropy.view({1}),
-                         torch::zeros({E}, torch::kFloat64)
-                             .index_add_(0, ro.expert_idx.reshape({-1}),
-                                         ro.gate.detach().reshape({-1}).to(torch::kFloat64))});
-    if (ep > 1) ep_->all_reduce(global, comm::ReduceOp::Sum);
+  Routing r = route(x, training, noise_seed, out);
+  torch::Tensor rows = dispatcher_.dispatch(x, r.handle);
+  torch::Tensor expert_out = experts(rows, r.handle.segments);
+  out.y = dispatcher_.combine(expert_out, r.router.gate, r.handle);
+  if (shared_w1.defined()) {
+    const auto dt = x.scalar_type();
+    out.y = out.y + expert_mlp(x, cast_to(shared_w1, dt), cast_to(shared_w3, dt), cast_to(shared_w2, dt),
+                               {{0, 0, x.size(0)}}, cfg_.activation == Activation::SwiGLU,
+                               &times());
   }
-  const double* g = global.data_ptr<double>();
-  const double tokens_g = g[E + 1];
-  torch::Tensor f =
-      cfg_.aux_loss_scope == "global"
-          ? global.narrow(0, 0, E).to(torch::kFloat32) / (tokens_g * k)
-          : torch::tensor(plan.routed, torch::kInt64).to(torch::kFloat32) / double(T * k);
-  out.aux_loss = cfg_.aux_loss_coef * E * (f * p_local).sum();
-  out.z_loss = cfg_.z_loss_coef * torch::logsumexp(ro.logits, -1).pow(2).mean();
-  LayerStats& st = out.stats;
-  st.tokens_per_expert.resize(E);
-  for (int64_t e = 0; e < E; ++e)
-    st.tokens_per_expert[e] = static_cast<int64_t>(std::llround(g[e]));
-  st.tokens = static_cast<int64_t>(std::llround(tokens_g));
-  st.capacity = plan.capacity;
-  st.drop_fraction = tokens_g > 0 ? g[E] / (tokens_g * k) : 0.0;
-  st.router_entropy = tokens_g > 0 ? g[2 * E + 2] / tokens_g : 0.0;
-  double mx = 0, sum = 0;
-  for (auto c : st.tokens_per_expert) mx = std::max(mx, double(c)), sum += double(c);
-  st.max_load = mx;
-  MOE_CHECK(global.numel() == 3 * E + 3, "global statistics hold " << global.numel() << " values");
-  st.gate_per_expert.assign(g + 2 * E + 3, g + 3 * E + 3);
-  st.mean_load = sum / E;
-  {
-    torch::Tensor pg = global.narrow(0, E + 2, E) / std::max(tokens_g, 1.0);
-    torch::Tensor fg = global.narrow(0, 0, E) / std::max(tokens_g * k, 1.0);
-    st.aux_loss = cfg_.aux_loss_scope == "global"
-                      ? cfg_.aux_loss_coef * E * (fg * pg).sum().item<double>()
-                      : out.aux_loss.item<double>();
-    st.z_loss = out.z_loss.item<double>();
-  }
-  times.forward[PhaseTimes::Router] += sw.seconds();
-
-  // ---- permute and dispatch
-  torch::Tensor send = permute_tokens(x, plan, &times);
-  std::vector<ExpertSegment> segments;
-  std::vector<int64_t> recv_rows, send_rows = plan.peer_rows;
-  torch::Tensor recv;
-  if (ep == 1) {
-    recv = send;
-    int64_t off = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      segments.push_back({e, off, plan.kept[e]});
-      off += plan.padded ? plan.capacity : plan.kept[e];
-    }
-    recv_rows = send_rows;
-  } else {
-    sw.reset();
-    // Fill counts per (source, local expert): experts skip padding rows and,
-    // in dropless mode, the receiver sizes its buffer.
-    torch::Tensor fill =
-        ep_->all_to_all(torch::tensor(plan.kept, torch::kInt64).view({E, 1})).view({ep, EL});
-    const int64_t* fp = fill.data_ptr<int64_t>();
-    recv_rows.assign(ep, 0);
-    std::vector<int64_t> src_off(ep + 1, 0);
-    for (int s = 0; s < ep; ++s) {
-      for (int64_t le = 0; le < EL; ++le) recv_rows[s] += fp[s * EL + le];
-      if (plan.padded) recv_rows[s] = EL * plan.capacity;
-      src_off[s + 1] = src_off[s] + recv_rows[s];
-    }
-    times.forward[PhaseTimes::Dispatch] += sw.seconds();
-    for (int64_t le = 0; le < EL; ++le) {
-      for (int s = 0; s < ep; ++s) {
-        int64_t start = src_off[s];
-        for (int64_t l = 0; l < le; ++l) start += plan.padded ? plan.capacity : fp[s * EL + l];
-        segments.push_back({le, start, fp[s * EL + le]});
-      }
-    }
-    recv = all_to_all_autograd(send, send_rows, recv_rows, *ep_, &times, PhaseTimes::Dispatch);
-  }
-
-  // ---- experts, combine, unpermute
-  torch::Tensor expert_out = expert_mlp(recv, w1, w3, w2, segments, swiglu, &times);
-  torch::Tensor back = ep == 1 ? expert_out
-                               : all_to_all_autograd(expert_out, recv_rows, send_rows, *ep_, &times,
-                                                     PhaseTimes::Combine);
-  out.y = unpermute_tokens(back, ro.gate, plan, &times);
-  if (shared_w1.defined())
-    out.y = out.y + expert_mlp(x, shared_w1, shared_w3, shared_w2, {{0, 0, T}}, swiglu, &times);
   return out;
 }
 

@@ -1,20 +1,19 @@
 #include "moe/moe/router.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
 #include <limits>
 
 #include "moe/core/error.h"
+#include "moe/core/random.h"
 
 namespace moe {
 
 Router::Router(const MoeConfig& cfg, int64_t d_model, uint64_t seed)
     : cfg_(cfg), d_model_(d_model) {
   // Init N(0, (0.1/sqrt(D))^2): small logits keep early routing near uniform.
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   weight = register_parameter(
-      "weight", at::normal(0.0, 0.1 / std::sqrt(double(d_model)), {cfg.experts, d_model}, gen));
+      "weight", seeded_normal({cfg.experts, d_model}, 0.1 / std::sqrt(double(d_model)), seed));
   balance_bias = register_buffer("balance_bias", torch::zeros({cfg.experts}));
 }
 
@@ -26,33 +25,19 @@ RouterOutput Router::forward(const torch::Tensor& x, bool training, uint64_t gen
                                           << "] (model.d_model)");
   const int64_t E = cfg_.experts, k = cfg_.top_k;
   torch::Tensor input = x;
-  c10::optional<at::Generator> gen;
-  if (training && (cfg_.router_jitter > 0 || cfg_.router_noise_std > 0)) {
-    gen = at::make_generator<at::CPUGeneratorImpl>(generator_seed);
-  }
-  if (training && cfg_.router_jitter > 0) {
-    auto u = at::empty_like(x).uniform_(1.0 - cfg_.router_jitter, 1.0 + cfg_.router_jitter, gen);
-    input = x * u;
-  }
+  // Jitter and noise come from seeded_*: the same draws on CPU and GPU.
+  const auto opts = x.options();
+  if (training && cfg_.router_jitter > 0)
+    input = x * seeded_uniform(x.sizes(), 1.0 - cfg_.router_jitter, 1.0 + cfg_.router_jitter,
+                               generator_seed, opts);
   RouterOutput out;
   out.logits = torch::mm(input, weight.t());
   if (cfg_.temperature != 1.0) out.logits = out.logits / cfg_.temperature;
   if (training && cfg_.router_noise_std > 0)
-    out.logits = out.logits + at::empty_like(out.logits).normal_(0.0, cfg_.router_noise_std, gen);
-  {
-    torch::NoGradGuard ng;
-    if (!torch::isfinite(out.logits).all().item<bool>()) {
-      auto bad = (~torch::isfinite(out.logits)).nonzero();
-      int64_t t = bad[0][0].item<int64_t>(), e = bad[0][1].item<int64_t>();
-      MOE_THROW(NumericError,
-                "router logits are not finite: " << bad.size(0) << " of " << out.logits.numel()
-                                                 << " values, first at token " << t << ", expert "
-                                                 << e << " = " << out.logits[t][e].item<double>()
-                                                 << " (check the input and the learning rate)");
-    }
-  }
-  out.scores =
-      cfg_.score_fn == "softmax" ? torch::softmax(out.logits, -1) : torch::sigmoid(out.logits);
+    out.logits = out.logits + seeded_normal(out.logits.sizes(), cfg_.router_noise_std,
+                                            generator_seed ^ 0x5eed5eed5eedull, opts);
+  out.scores = cfg_.score_fn == ScoreFn::Softmax ? torch::softmax(out.logits, -1)
+                                                 : torch::sigmoid(out.logits);
 
   torch::Tensor selection;
   {
@@ -64,7 +49,7 @@ RouterOutput Router::forward(const torch::Tensor& x, bool training, uint64_t gen
       auto grouped = selection.view({T, G, E / G});
       auto group_score = std::get<0>(grouped.max(-1));                         // [T, G]
       auto keep_groups = std::get<1>(group_score.topk(cfg_.topk_groups, -1));  // [T, topk_groups]
-      auto mask = torch::zeros({T, G}, torch::kBool).scatter_(1, keep_groups, true);  // [T, G]
+      auto mask = torch::zeros({T, G}, opts.dtype(torch::kBool)).scatter_(1, keep_groups, true);
       selection = grouped.masked_fill(~mask.unsqueeze(-1), -std::numeric_limits<float>::infinity())
                       .view({T, E});
     }

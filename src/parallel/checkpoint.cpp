@@ -72,8 +72,9 @@ void set_adam_state(torch::optim::AdamW& opt, const torch::Tensor& p, int64_t st
                     const torch::Tensor& m, const torch::Tensor& v) {
   auto st = std::make_unique<torch::optim::AdamWParamState>();
   st->step(step);
-  st->exp_avg(m.clone());
-  st->exp_avg_sq(v.clone());
+  // On the parameter's device (checkpoints are read on the CPU).
+  st->exp_avg(m.to(p.device(), p.scalar_type()).clone());
+  st->exp_avg_sq(v.to(p.device(), p.scalar_type()).clone());
   opt.state()[c10::guts::to_string(p.unsafeGetTensorImpl())] = std::move(st);
 }
 

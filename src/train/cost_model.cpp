@@ -90,7 +90,7 @@ Shapes shapes_of(const Config& cfg, int world) {
     if (!m.dense && (i + 1) % m.moe_every == 0) ++s.moe_layers;
   s.dense_layers = s.L - s.moe_layers;
   s.dense_width = m.dense ? e.top_k * e.d_expert + s.shared_H : m.d_ff;
-  s.act_mats = e.activation == "swiglu" ? 3 : 2;
+  s.act_mats = e.activation == Activation::SwiGLU ? 3 : 2;
   s.ep = layout.ep;
   s.dp = layout.dp;
   s.world = world;

@@ -142,7 +142,7 @@ class TextData : public DataSource {
 }  // namespace
 
 std::unique_ptr<DataSource> make_data_source(const Config& cfg, int rank, int world) {
-  if (cfg.data.kind == "synthetic") return std::make_unique<SyntheticData>(cfg, rank);
+  if (cfg.data.kind == DataKind::Synthetic) return std::make_unique<SyntheticData>(cfg, rank);
   return std::make_unique<TextData>(cfg, rank, world);
 }
 

@@ -1,12 +1,15 @@
 #include "moe/train/trainer.h"
 
 #include <sys/stat.h>
+#include <torch/cuda.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/adamw.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <sstream>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -30,8 +33,8 @@ double learning_rate(const TrainConfig& t, int64_t step) {
   const double floor = t.lr * t.min_lr_ratio;
   const int64_t span = std::max<int64_t>(1, t.steps - t.warmup - 1);
   const double p = std::min(1.0, double(step - t.warmup) / double(span));
-  if (t.schedule == "constant") return t.lr;
-  if (t.schedule == "linear") return t.lr + (floor - t.lr) * p;
+  if (t.schedule == LrSchedule::Constant) return t.lr;
+  if (t.schedule == LrSchedule::Linear) return t.lr + (floor - t.lr) * p;
   return floor + 0.5 * (t.lr - floor) * (1.0 + std::cos(M_PI * p));
 }
 
@@ -44,7 +47,34 @@ std::string fmt_eta(double s) {
   return buf;
 }
 
+// Node-local rank from the launcher's environment (Open MPI, SLURM), else the
+// rank itself (thread ranks and single-node runs).
+int node_local_rank(int rank) {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"})
+    if (const char* v = std::getenv(var)) return std::atoi(v);
+  return rank;
+}
+
 }  // namespace
+
+torch::Device resolve_device(DeviceKind requested, int rank) {
+  const int gpus = MOE_TORCH_CUDA && torch::cuda::is_available()
+                       ? static_cast<int>(torch::cuda::device_count())
+                       : 0;
+  if (requested == DeviceKind::Cpu || (requested == DeviceKind::Auto && gpus == 0))
+    return torch::Device(torch::kCPU);
+  if (!MOE_TORCH_CUDA)
+    MOE_THROW(ConfigError, "parallel.device = 'cuda' but this build's LibTorch has no CUDA "
+                           "(Debian's libtorch is CPU-only): build against a CUDA LibTorch "
+                           "(README, \"GPUs\") or use parallel.device=cpu|auto");
+  if (gpus == 0)
+    MOE_THROW(ConfigError, "parallel.device = 'cuda' on rank "
+                               << rank << " but no GPU is visible (CUDA_VISIBLE_DEVICES='"
+                               << (std::getenv("CUDA_VISIBLE_DEVICES") ? std::getenv("CUDA_VISIBLE_DEVICES") : "")
+                               << "'): use parallel.device=cpu|auto");
+  // One GPU per rank by node-local rank; more ranks than GPUs share them.
+  return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(node_local_rank(rank) % gpus));
+}
 
 TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptions& opts) {
   const int64_t rss_at_start = current_rss_bytes();
@@ -55,7 +85,10 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   const auto& t = cfg.train;
   const int W = world.size();
 
+  const torch::Device device = resolve_device(cfg.parallel.device, world.rank());
   TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(t.seed));
+  model.to_device(device);  // before the optimizer exists: it keeps parameter references
+  model.set_compute_dtype(t.dtype == DType::BFloat16 ? torch::kBFloat16 : torch::kFloat32);
   auto data = make_data_source(cfg, world.rank(), W);
   GradSync sync(model, mesh, cfg.parallel.grad_bucket_mb);
 
@@ -104,6 +137,19 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
                   << " tokens/step; data: " << data->describe();
     MOE_LOG(Info) << "memory per rank (estimate): " << describe_memory(memory);
   }
+  {
+    // Rank 0 names every rank's device (-1 = CPU).
+    torch::Tensor mine = torch::tensor({static_cast<int64_t>(device.is_cuda() ? device.index() : -1)});
+    torch::Tensor all = world.all_gather(mine);
+    if (lead && !opts.quiet) {
+      std::ostringstream os;
+      for (int r = 0; r < W; ++r) {
+        const int64_t d = all[r].item<int64_t>();
+        os << (r ? ", " : "") << "rank " << r << " " << (d < 0 ? "cpu" : "cuda:" + std::to_string(d));
+      }
+      MOE_LOG(Info) << "devices: " << os.str() << "; compute dtype " << enum_name(t.dtype);
+    }
+  }
 
   const int64_t V = cfg.model.vocab;
   Stopwatch run_clock;
@@ -117,15 +163,15 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     optimizer.zero_grad();
     double lm_sum = 0, aux_sum = 0, z_sum = 0, drop_sum = 0;
     std::vector<std::vector<int64_t>> loads;
-    for (auto& layer : model.moe_layers()) layer->times.reset();
+    for (auto& layer : model.moe_layers()) layer->times().reset();
     Stopwatch phase_clock;
     for (int64_t micro = 0; micro < t.grad_accum; ++micro) {
       Batch b = data->batch(step, micro, t.batch);
       uint64_t noise =
           mix_seed(mix_seed(static_cast<uint64_t>(t.seed), step), micro * 4096 + world.rank());
       LMOutput out = model.forward(b.inputs, /*training=*/true, noise);
-      torch::Tensor lm =
-          torch::nn::functional::cross_entropy(out.logits.view({-1, V}), b.targets.view({-1}));
+      torch::Tensor lm = torch::nn::functional::cross_entropy(out.logits.view({-1, V}),
+                                                              b.targets.to(device).view({-1}));
       torch::Tensor loss = (lm + out.aux_loss + out.z_loss) / double(t.grad_accum);
       loss.backward();
       lm_sum += lm.item<double>();
@@ -151,7 +197,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     // slowest rank's.
     std::vector<double> phase_ms(step_phase_names().size(), 0.0);
     for (auto& layer : model.moe_layers())
-      for (int p = 0; p < PhaseTimes::Count; ++p) phase_ms[p] += layer->times.total(p) * 1e3;
+      for (int p = 0; p < PhaseTimes::Count; ++p) phase_ms[p] += layer->times().total(p) * 1e3;
     double moe_ms = 0;
     for (int p = 0; p < PhaseTimes::Count; ++p) moe_ms += phase_ms[p];
     phase_ms[PhaseTimes::Count] = std::max(0.0, forward_backward_s * 1e3 - moe_ms);

@@ -4,6 +4,7 @@
 // loading, overrides, validation, dumping and `moe config keys` all use it.
 #pragma once
 #include <cstdint>
+#include <iosfwd>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,50 @@ class Node;
 }
 
 namespace moe {
+
+// Choice options are enums from the moment the config is parsed, so the hot
+// path compares no strings. EnumNames<E>::names[i] is value i as written in YAML.
+enum class Activation { SwiGLU, GELU };
+enum class ScoreFn { Softmax, Sigmoid };
+enum class DropPolicy { Position, Probability };
+enum class AuxLossScope { Global, Local };
+enum class LrSchedule { Cosine, Linear, Constant };
+enum class Backend { Auto, Thread, Mpi, Nccl };
+enum class DeviceKind { Auto, Cpu, Cuda };
+enum class DType { Float32, BFloat16 };
+enum class DataKind { Synthetic, Text };
+enum class Launcher { Thread, Mpirun };
+enum class AttentionImpl { Auto, Sdpa, Explicit };
+
+template <typename E>
+struct EnumNames;
+#define MOE_ENUM_NAMES(E, ...)                             \
+  template <>                                              \
+  struct EnumNames<E> {                                    \
+    static constexpr const char* names[] = {__VA_ARGS__}; \
+  };
+MOE_ENUM_NAMES(Activation, "swiglu", "gelu")
+MOE_ENUM_NAMES(ScoreFn, "softmax", "sigmoid")
+MOE_ENUM_NAMES(DropPolicy, "position", "probability")
+MOE_ENUM_NAMES(AuxLossScope, "global", "local")
+MOE_ENUM_NAMES(LrSchedule, "cosine", "linear", "constant")
+MOE_ENUM_NAMES(Backend, "auto", "thread", "mpi", "nccl")
+MOE_ENUM_NAMES(DeviceKind, "auto", "cpu", "cuda")
+MOE_ENUM_NAMES(DType, "float32", "bfloat16")
+MOE_ENUM_NAMES(DataKind, "synthetic", "text")
+MOE_ENUM_NAMES(Launcher, "thread", "mpirun")
+MOE_ENUM_NAMES(AttentionImpl, "auto", "sdpa", "explicit")
+#undef MOE_ENUM_NAMES
+
+template <typename E>
+const char* enum_name(E e) {
+  return EnumNames<E>::names[static_cast<int>(e)];
+}
+// Prints the YAML name (gtest messages, logs).
+template <typename E, typename = decltype(EnumNames<E>::names)>
+std::ostream& operator<<(std::ostream& os, E e) {
+  return os << enum_name(e);
+}
 
 struct ModelConfig {
   int64_t vocab = 256;
@@ -25,21 +70,22 @@ struct ModelConfig {
   bool tie_embeddings = true;
   double norm_eps = 1e-5;
   double rope_theta = 10000.0;
+  AttentionImpl attention = AttentionImpl::Auto;
 };
 
 struct MoeConfig {
   int64_t experts = 8;
   int64_t top_k = 2;
   int64_t d_expert = 256;
-  std::string activation = "swiglu";
-  std::string score_fn = "softmax";
+  Activation activation = Activation::SwiGLU;
+  ScoreFn score_fn = ScoreFn::Softmax;
   double temperature = 1.0;
   double capacity_factor = 1.25;
   int64_t min_capacity = 4;
-  std::string drop_policy = "position";
+  DropPolicy drop_policy = DropPolicy::Position;
   double aux_loss_coef = 0.01;
   double z_loss_coef = 0.001;
-  std::string aux_loss_scope = "global";
+  AuxLossScope aux_loss_scope = AuxLossScope::Global;
   int64_t shared_experts = 0;
   bool renormalize = true;
   double router_noise_std = 0.0;
@@ -50,7 +96,8 @@ struct MoeConfig {
 };
 
 struct ParallelConfig {
-  std::string backend = "auto";
+  Backend backend = Backend::Auto;
+  DeviceKind device = DeviceKind::Auto;
   int64_t ranks = 0;
   int64_t ep = 0;
   int64_t dp = 0;
@@ -65,7 +112,7 @@ struct TrainConfig {
   double lr = 3e-3;
   double min_lr_ratio = 0.1;
   int64_t warmup = 10;
-  std::string schedule = "cosine";
+  LrSchedule schedule = LrSchedule::Cosine;
   double weight_decay = 0.1;
   double beta1 = 0.9;
   double beta2 = 0.95;
@@ -73,10 +120,11 @@ struct TrainConfig {
   int64_t seed = 1234;
   int64_t log_every = 10;
   int64_t ckpt_every = 0;
+  DType dtype = DType::Float32;
 };
 
 struct DataConfig {
-  std::string kind = "synthetic";
+  DataKind kind = DataKind::Synthetic;
   std::string path = "/usr/share/games/fortunes";
 };
 
@@ -85,11 +133,11 @@ struct BenchConfig {
   int64_t reps = 20;
   int64_t tokens = 4096;
   std::vector<int64_t> sizes_kib = {1, 4, 16, 64, 256, 1024, 4096, 16384};
-  std::string dtype = "float32";
+  DType dtype = DType::Float32;
 };
 
 struct SweepConfig {
-  std::string launcher = "thread";
+  Launcher launcher = Launcher::Thread;
   int64_t steps = 0;
   double point_timeout_s = 600.0;
 };

@@ -44,8 +44,16 @@ class TransformerLM : public torch::nn::Module {
  public:
   TransformerLM(const Config& cfg, comm::Communicator& ep_group, uint64_t seed);
 
-  // tokens [B, S] int64 in [0, vocab).
+  // tokens [B, S] int64 in [0, vocab) (any device; moved to the model's).
+  // Logits are float32 whatever the compute dtype.
   LMOutput forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed = 0);
+
+  // Parameters stay float32 (master weights); bfloat16 computes with
+  // bf16 casts of them, so gradients arrive in float32.
+  void set_compute_dtype(c10::ScalarType dtype);
+  c10::ScalarType compute_dtype() const { return compute_dtype_; }
+  // Moves parameters, buffers and the rotary tables.
+  void to_device(const torch::Device& device);
 
   const std::vector<std::shared_ptr<MoELayer>>& moe_layers() const { return moe_layers_; }
   // Parameters sharded by expert (w1/w3/w2 of MoE layers) vs replicated ones, by name.
@@ -59,6 +67,14 @@ class TransformerLM : public torch::nn::Module {
   std::vector<std::shared_ptr<Block>> blocks_;
   std::vector<std::shared_ptr<MoELayer>> moe_layers_;
   torch::Tensor rope_cos_, rope_sin_;
+  c10::ScalarType compute_dtype_ = torch::kFloat32;
 };
+
+// softmax(q k^T / sqrt(hd) + causal mask) v for q, k, v [B, heads, S, hd]:
+// LibTorch's scaled_dot_product_attention (flash / memory-efficient kernels
+// on GPU; at::_scaled_dot_product_attention on 1.13), or the explicit
+// product (AttentionImpl::Explicit, the reference the tests compare with).
+torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, AttentionImpl impl);
 
 }  // namespace moe

@@ -1,10 +1,13 @@
-// DispatchPlan: where every (token, slot) goes, computed locally from the
-// router's choices. Deterministic: slots are ranked by position (token order,
-// then slot order) or by gate probability (ties by position), and each
-// expert keeps its first C slots in that ranking.
+// DispatchPlan: where every (token, slot) goes, computed from the router's
+// choices with tensor ops on their device. Deterministic: slots are ranked by
+// position (token order, then slot order) or by gate probability (ties by
+// position), and each expert keeps its first C slots in that ranking.
 //
-//   capacity C = max(min_capacity, ceil(capacity_factor * T * k / E)); dropless
-//   (capacity_factor 0) keeps everything.
+// Notation (shared by the data-path headers):
+//   T tokens on this rank, k = top_k slots per token, S = T * k slots,
+//   E experts (global), R = EP group size, E_local = E / R, D = d_model,
+//   H = d_expert, C = capacity per expert:
+//   C = max(min_capacity, ceil(capacity_factor * T * k / E)); 0 = dropless.
 //
 // Send-buffer layout, ordered (peer, local expert, position):
 //   padded : E * C rows; slot -> row e * C + pos; unused rows are padding
@@ -15,8 +18,9 @@
 #pragma once
 #include <torch/types.h>
 
-#include <string>
 #include <vector>
+
+#include "moe/config/config.h"
 
 namespace moe {
 
@@ -25,14 +29,17 @@ struct DispatchPlan {
   int64_t capacity = 0;  // C; 0 in dropless mode
   bool padded = false;   // layout of the send buffer (see above)
 
-  torch::Tensor slot_expert;       // [T*k] int64
-  torch::Tensor slot_row;          // [T*k] int64: send-buffer row, -1 when dropped
-  torch::Tensor row_token;         // [send_rows] int64: token of each row, -1 for padding
-  std::vector<int64_t> routed;     // [E] slots that chose each expert (before drops)
-  std::vector<int64_t> kept;       // [E] slots kept per expert
-  std::vector<int64_t> peer_rows;  // [ep] rows sent to each peer
+  // On the router's device:
+  torch::Tensor slot_expert;  // [S] int64
+  torch::Tensor slot_row;     // [S] int64: send-buffer row, -1 when dropped
+  torch::Tensor routed;       // [E] int64: slots that chose each expert (before drops)
+  torch::Tensor kept;         // [E] int64: slots kept per expert
+  // Filled by finish_dispatch_plan once the row counts are on the host:
+  torch::Tensor row_token;        // [send_rows] int64: token of each row, -1 for padding
+  torch::Tensor row_slot;         // [send_rows] int64: slot of each row, -1 for padding
+  std::vector<int64_t> peer_rows;  // [R] rows sent to each peer (host)
   int64_t send_rows = 0;
-  int64_t dropped = 0;  // slots dropped
+  int64_t dropped = 0;  // slots dropped (host)
 
   int64_t experts_per_rank() const { return experts / ep; }
   double drop_fraction() const {
@@ -40,15 +47,24 @@ struct DispatchPlan {
   }
 };
 
-// expert_idx [T, k] int64; gate [T, k] (used by the probability policy).
-// capacity_factor 0 = dropless. policy: "position" | "probability".
-// `padded` asks for the padded layout (ignored in dropless mode).
-DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Tensor& gate,
-                                int64_t experts, int64_t ep, double capacity_factor,
-                                int64_t min_capacity, const std::string& policy,
-                                bool padded = true);
-
 int64_t expert_capacity(int64_t tokens, int64_t top_k, int64_t experts, double capacity_factor,
                         int64_t min_capacity);
+
+// The device part: slot_expert, slot_row, routed, kept. No host copy; the
+// expert ids must already be in [0, E) (the router guarantees it).
+DispatchPlan plan_slots(const torch::Tensor& expert_idx, const torch::Tensor& gate,
+                        int64_t experts, int64_t ep, double capacity_factor, int64_t min_capacity,
+                        DropPolicy policy, bool padded);
+// The rest, given `kept` on the host ([E], the values of plan.kept): per-peer
+// rows, send_rows, dropped, and the row -> token / slot maps (on the device).
+void finish_dispatch_plan(DispatchPlan& plan, const std::vector<int64_t>& kept_host);
+
+// Both steps, checking the expert ids (ShapeError naming the first bad slot).
+// expert_idx [T, k] int64; gate [T, k] (used by the probability policy).
+// capacity_factor 0 = dropless. `padded` asks for the padded layout (ignored
+// in dropless mode).
+DispatchPlan make_dispatch_plan(const torch::Tensor& expert_idx, const torch::Tensor& gate,
+                                int64_t experts, int64_t ep, double capacity_factor,
+                                int64_t min_capacity, DropPolicy policy, bool padded = true);
 
 }  // namespace moe

@@ -27,7 +27,9 @@ class Router : public torch::nn::Module {
   // Weights drawn from a generator seeded by `seed`: identical on every rank.
   Router(const MoeConfig& cfg, int64_t d_model, uint64_t seed);
 
-  // x: [T, D] float. `generator_seed` drives noise and jitter (training only).
+  // x: [T, D] float32. `generator_seed` drives noise and jitter (training
+  // only). Non-finite logits are not checked here: MoELayer counts them with
+  // its routing totals and stops every rank of the EP group together.
   RouterOutput forward(const torch::Tensor& x, bool training, uint64_t generator_seed = 0);
 
   // bias_i += rate * sign(mean_load - load_i); `load` is [E] global token counts.
