@@ -41,7 +41,7 @@ struct Malformed {
 TEST(ConfigLoad, DefaultsAreValid) {
   Config c = default_config();
   EXPECT_EQ(c.moe.top_k, 2);
-  EXPECT_EQ(c.parallel.backend, "auto");
+  EXPECT_EQ(c.parallel.backend, Backend::Auto);
   EXPECT_NO_THROW(validate_config(c));
 }
 
@@ -59,7 +59,7 @@ TEST(ConfigLoad, ShippedConfigsValidate) {
   Config ds = load_config(src("configs/deepseek-fine.yaml"));
   EXPECT_EQ(ds.moe.experts, 256);
   EXPECT_EQ(ds.moe.top_k, 8);
-  EXPECT_EQ(ds.moe.score_fn, "sigmoid");
+  EXPECT_EQ(ds.moe.score_fn, ScoreFn::Sigmoid);
   Config q = load_config(src("configs/quickstart.yaml"));
   EXPECT_EQ(q.parallel.ranks, 4);
   EXPECT_EQ(resolve_layout(q, 4).ep, 4);
@@ -72,7 +72,7 @@ TEST(ConfigLoad, ValuesOfEveryType) {
       "t");
   EXPECT_TRUE(c.model.dense);
   EXPECT_DOUBLE_EQ(c.model.norm_eps, 1e-6);
-  EXPECT_EQ(c.moe.activation, "gelu");
+  EXPECT_EQ(c.moe.activation, Activation::GELU);
   EXPECT_DOUBLE_EQ(c.moe.temperature, 0.5);
   EXPECT_EQ(c.bench.sizes_kib, (std::vector<int64_t>{2, 8}));
   EXPECT_EQ(c.train.steps, 7);

@@ -31,10 +31,10 @@ MoeConfig make_cfg(int64_t E, int64_t k, const std::string& score, double cf,
   c.experts = E;
   c.top_k = k;
   c.d_expert = 12;
-  c.score_fn = score;
+  EXPECT_TRUE(enum_from_name(score, c.score_fn)) << score;
   c.capacity_factor = cf;
   c.min_capacity = 1;
-  c.activation = act;
+  EXPECT_TRUE(enum_from_name(act, c.activation)) << act;
   c.aux_loss_coef = 0.05;
   c.z_loss_coef = 0.01;
   return c;
@@ -56,7 +56,7 @@ Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tens
   const int64_t T = x.size(0), E = c.experts, k = c.top_k;
   torch::Tensor logits = torch::mm(x, wg.t()) / c.temperature;
   torch::Tensor scores =
-      c.score_fn == "softmax" ? torch::softmax(logits, -1) : torch::sigmoid(logits);
+      c.score_fn == ScoreFn::Softmax ? torch::softmax(logits, -1) : torch::sigmoid(logits);
   torch::Tensor idx = std::get<1>(scores.detach().topk(k, -1));
   torch::Tensor gate = scores.gather(1, idx);
   if (c.renormalize && k > 1) gate = gate / gate.sum(-1, true);
@@ -65,7 +65,7 @@ Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tens
   std::vector<std::pair<int64_t, int64_t>> order;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) order.emplace_back(t, j);
-  if (c.drop_policy == "probability")
+  if (c.drop_policy == DropPolicy::Probability)
     std::stable_sort(
         order.begin(), order.end(),
         [&](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
@@ -85,7 +85,7 @@ Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tens
       if (!kept[t][j]) continue;
       int64_t e = idx[t][j].item<int64_t>();
       torch::Tensor xt = x[t].unsqueeze(0);
-      torch::Tensor h = c.activation == "swiglu"
+      torch::Tensor h = c.activation == Activation::SwiGLU
                             ? torch::silu(torch::mm(xt, w1[e])) * torch::mm(xt, w3[e])
                             : torch::gelu(torch::mm(xt, w1[e]));
       acc = acc + gate[t][j] * torch::mm(h, w2[e]).squeeze(0);
@@ -97,7 +97,7 @@ Oracle oracle(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tens
   torch::Tensor f = torch::zeros({E});
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < k; ++j) f[idx[t][j].item<int64_t>()] += 1.0 / double(T * k);
-  torch::Tensor probs = c.score_fn == "softmax" ? scores : scores / scores.sum(-1, true);
+  torch::Tensor probs = c.score_fn == ScoreFn::Softmax ? scores : scores / scores.sum(-1, true);
   o.aux = c.aux_loss_coef * E * (f * probs.mean(0)).sum();
   o.z = c.z_loss_coef * torch::logsumexp(logits, -1).pow(2).mean();
   return o;
@@ -123,7 +123,7 @@ void run_oracle_case(const OracleCase& oc) {
   SCOPED_TRACE("E=" + std::to_string(oc.E) + " k=" + std::to_string(oc.k) + " " + oc.score +
                " cf=" + std::to_string(oc.cf) + " " + oc.policy + " " + oc.act);
   MoeConfig c = make_cfg(oc.E, oc.k, oc.score, oc.cf, oc.act);
-  c.drop_policy = oc.policy;
+  EXPECT_TRUE(enum_from_name(oc.policy, c.drop_policy)) << oc.policy;
   const int64_t T = 40, D = 16;
   Solo solo;
   MoELayer layer(c, D, *solo, 99);
@@ -222,21 +222,21 @@ TEST(MoePlan, PositionPolicyKeepsEarlierTokens) {
   // 6 tokens, k=1, all to expert 1 except token 2 -> expert 0; capacity 2 per expert.
   torch::Tensor idx = torch::tensor({1, 1, 0, 1, 1, 1}, torch::kInt64).view({6, 1});
   torch::Tensor gate = torch::tensor({0.1f, 0.2f, 0.9f, 0.8f, 0.7f, 0.3f}).view({6, 1});
-  DispatchPlan p = make_dispatch_plan(idx, gate, 2, 1, 2.0 / 3.0, 1, "position");
+  DispatchPlan p = make_dispatch_plan(idx, gate, 2, 1, 2.0 / 3.0, 1, DropPolicy::Position);
   EXPECT_EQ(p.capacity, 2);
   std::vector<int64_t> rows(p.slot_row.data_ptr<int64_t>(), p.slot_row.data_ptr<int64_t>() + 6);
   EXPECT_EQ(rows, (std::vector<int64_t>{2, 3, 0, -1, -1, -1}));  // expert 1 rows start at C = 2
   EXPECT_EQ(p.dropped, 3);
-  EXPECT_EQ(p.routed, (std::vector<int64_t>{1, 5}));
-  EXPECT_EQ(p.kept, (std::vector<int64_t>{1, 2}));
-  p = make_dispatch_plan(idx, gate, 2, 1, 2.0 / 3.0, 1, "probability");
+  EXPECT_TRUE(torch::equal(p.routed, torch::tensor({1, 5}, torch::kInt64)));
+  EXPECT_TRUE(torch::equal(p.kept, torch::tensor({1, 2}, torch::kInt64)));
+  p = make_dispatch_plan(idx, gate, 2, 1, 2.0 / 3.0, 1, DropPolicy::Probability);
   rows.assign(p.slot_row.data_ptr<int64_t>(), p.slot_row.data_ptr<int64_t>() + 6);
   EXPECT_EQ(rows, (std::vector<int64_t>{-1, -1, 0, 2, 3, -1}));  // tokens 3 (0.8) and 4 (0.7) win
 }
 
 TEST(MoePlan, DroplessCompactLayoutAndPeerCounts) {
   torch::Tensor idx = torch::tensor({3, 0, 1, 3, 2, 3}, torch::kInt64).view({3, 2});
-  DispatchPlan p = make_dispatch_plan(idx, torch::ones({3, 2}), 4, 2, 0.0, 0, "position");
+  DispatchPlan p = make_dispatch_plan(idx, torch::ones({3, 2}), 4, 2, 0.0, 0, DropPolicy::Position);
   EXPECT_FALSE(p.padded);
   EXPECT_EQ(p.send_rows, 6);
   EXPECT_EQ(p.peer_rows, (std::vector<int64_t>{2, 4}));  // experts {0,1} on rank 0, {2,3} on rank 1
@@ -361,7 +361,7 @@ torch::Tensor probe_of(int rank, int64_t T, int64_t D) {
 void body_ep_parity(comm::Communicator& world, MoeConfig c) {
   const int W = world.size(), r = world.rank();
   const int64_t T = 24, D = 16;
-  const bool global = c.aux_loss_scope == "global";
+  const bool global = c.aux_loss_scope == AuxLossScope::Global;
   MoELayer layer(c, D, world, 42);
   torch::Tensor x = tokens_of(r, T, D).requires_grad_(true);
   MoEOutput out = layer.forward(x, false);
@@ -408,12 +408,12 @@ void body_ep_parity(comm::Communicator& world, MoeConfig c) {
 
 std::vector<MoeConfig> parity_configs() {
   MoeConfig capacity = make_cfg(8, 2, "softmax", 1.0);
-  capacity.aux_loss_scope = "local";
+  capacity.aux_loss_scope = AuxLossScope::Local;
   MoeConfig dropless_local = make_cfg(8, 2, "sigmoid", 0.0);
-  dropless_local.aux_loss_scope = "local";
+  dropless_local.aux_loss_scope = AuxLossScope::Local;
   MoeConfig dropless_global = make_cfg(8, 2, "softmax", 0.0);
   MoeConfig capacity_shared = make_cfg(8, 4, "softmax", 0.5);
-  capacity_shared.aux_loss_scope = "local";
+  capacity_shared.aux_loss_scope = AuxLossScope::Local;
   capacity_shared.shared_experts = 1;
   return {capacity, dropless_local, dropless_global, capacity_shared};
 }
@@ -423,7 +423,7 @@ std::vector<MoeConfig> parity_configs() {
 class MoeEpParity : public testing::TestWithParam<int> {};
 TEST_P(MoeEpParity, MatchesSingleRankReference) {
   for (const auto& c : parity_configs()) {
-    SCOPED_TRACE("cf=" + std::to_string(c.capacity_factor) + " scope=" + c.aux_loss_scope);
+    SCOPED_TRACE("cf=" + std::to_string(c.capacity_factor) + " scope=" + std::string(enum_name(c.aux_loss_scope)));
     comm::run_ranks(GetParam(), 30.0, [&](comm::Communicator& w) { body_ep_parity(w, c); });
   }
 }

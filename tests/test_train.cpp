@@ -627,7 +627,7 @@ TEST(TrainSchedule, WarmupThenCosineToFloor) {
   EXPECT_DOUBLE_EQ(learning_rate(t, 3), 1.0);
   EXPECT_DOUBLE_EQ(learning_rate(t, 4), 1.0);
   EXPECT_NEAR(learning_rate(t, 13), 0.1, 1e-12);
-  t.schedule = "constant";
+  t.schedule = LrSchedule::Constant;
   EXPECT_DOUBLE_EQ(learning_rate(t, 10), 1.0);
 }
 

@@ -52,6 +52,19 @@ template <typename E>
 const char* enum_name(E e) {
   return EnumNames<E>::names[static_cast<int>(e)];
 }
+// The value whose YAML name is `name`; false when there is none.
+template <typename E>
+bool enum_from_name(const std::string& name, E& out) {
+  int i = 0;
+  for (const char* n : EnumNames<E>::names) {
+    if (name == n) {
+      out = static_cast<E>(i);
+      return true;
+    }
+    ++i;
+  }
+  return false;
+}
 // Prints the YAML name (gtest messages, logs).
 template <typename E, typename = decltype(EnumNames<E>::names)>
 std::ostream& operator<<(std::ostream& os, E e) {
