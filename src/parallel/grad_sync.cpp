@@ -47,12 +47,15 @@ double GradSync::synchronize_and_clip(double clip) {
   reduce(expert_, mesh_.expert_dp_group());
   // Replicated gradients are now identical on every rank; expert gradients
   // are split over the EP group (and identical across its DP replicas).
-  double shared_sq = 0, expert_sq = 0;
-  for (auto& p : shared_) shared_sq += p.grad().pow(2).sum().item<double>();
-  for (auto& p : expert_) expert_sq += p.grad().pow(2).sum().item<double>();
-  torch::Tensor e = torch::tensor({expert_sq}, torch::kFloat64);
-  if (mesh_.ep_group().size() > 1) mesh_.ep_group().all_reduce(e, comm::ReduceOp::Sum);
-  const double norm = std::sqrt(shared_sq + e.item<double>());
+  // Squared norms summed on the gradients' device in float64; one host read.
+  auto sum_sq = [](const std::vector<torch::Tensor>& ps) {
+    std::vector<torch::Tensor> parts;
+    for (const auto& p : ps) parts.push_back(p.grad().pow(2).sum().to(torch::kFloat64).view({1}));
+    return parts.empty() ? torch::zeros({1}, torch::kFloat64) : torch::cat(parts).sum().view({1});
+  };
+  torch::Tensor shared_sq = sum_sq(shared_), expert_sq = sum_sq(expert_);
+  if (mesh_.ep_group().size() > 1) mesh_.ep_group().all_reduce(expert_sq, comm::ReduceOp::Sum);
+  const double norm = std::sqrt((shared_sq.to(torch::kCPU) + expert_sq.to(torch::kCPU)).item<double>());
   if (!std::isfinite(norm))
     MOE_THROW(NumericError, "gradient norm is " << norm << ": lower train.lr or enable train.clip");
   if (clip > 0 && norm > clip) {
