@@ -640,7 +640,9 @@ TEST(DeviceSelection, ParsesDeviceKinds) {
 TEST(DeviceSelection, CpuAndAuto) {
   EXPECT_EQ(select_device(DeviceKind::Cpu, 3), torch::Device(torch::kCPU));
   const int n = cuda_device_count();
-  if (!torch_has_cuda()) EXPECT_EQ(n, 0);
+  if (!torch_has_cuda()) {
+    EXPECT_EQ(n, 0);
+  }
   if (n == 0)
     EXPECT_EQ(select_device(DeviceKind::Auto, 3), torch::Device(torch::kCPU));
   else
