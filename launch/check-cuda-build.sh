@@ -141,7 +141,8 @@ SUMMARY="$BUILD_DIR/moe-configure-summary.txt"
 grep -q 'CUDA (LibTorch): ON' "$SUMMARY" || { cat "$SUMMARY" >&2; die "LibTorch $TORCH_VER was not detected as a CUDA build"; }
 grep -q 'NCCL backend   : ON' "$SUMMARY" || { cat "$SUMMARY" >&2; die "the NCCL backend is off"; }
 log "building (JOBS=$JOBS)"
-if ! cmake --build "$BUILD_DIR" -j "$JOBS" > "$BUILD_DIR.build.log" 2>&1; then
+KEEP_GOING=(); grep -q Ninja "$BUILD_DIR/CMakeCache.txt" && KEEP_GOING=(-- -k 0)   # list every failing file at once
+if ! cmake --build "$BUILD_DIR" -j "$JOBS" "${KEEP_GOING[@]}" > "$BUILD_DIR.build.log" 2>&1; then
   grep -E -B2 -A12 'error|undefined reference' "$BUILD_DIR.build.log" | head -120 >&2
   die "compile or link failed (full log: $BUILD_DIR.build.log)" 1
 fi
