@@ -512,3 +512,272 @@ TEST(MpiFault, RankThatExitsFailsTheJob) {
   }
 }
 #endif
+
+// =====================================================================================
+// Devices (issue 11): device selection, CUDA tensors on every backend, NCCL.
+// GPU cases are named *Cuda* / *Gpu* (launch/gpu-check.sh runs them with a
+// gtest filter); without a GPU they skip, and the CPU-side behaviour
+// (local-rank parsing, `cuda` refused cleanly) is tested here.
+// =====================================================================================
+#include "moe/comm/device.h"
+#include "moe/comm/launch.h"
+#if MOE_HAVE_NCCL
+#include "moe/comm/nccl_comm.h"
+#endif
+
+namespace {
+// Sets environment variables for one test and restores them afterwards.
+class ScopedEnv {
+ public:
+  void set(const char* name, const char* value) {
+    save(name);
+    if (value)
+      ::setenv(name, value, 1);
+    else
+      ::unsetenv(name);
+  }
+  ~ScopedEnv() {
+    for (auto& [name, old] : saved_) {
+      if (old.first)
+        ::setenv(name.c_str(), old.second.c_str(), 1);
+      else
+        ::unsetenv(name.c_str());
+    }
+  }
+
+ private:
+  void save(const char* name) {
+    if (saved_.count(name)) return;
+    const char* v = std::getenv(name);
+    saved_[name] = {v != nullptr, v ? v : ""};
+  }
+  std::map<std::string, std::pair<bool, std::string>> saved_;
+};
+
+const char* const kLocalRankVars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID",
+                                      "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "LOCAL_RANK"};
+
+#define MOE_REQUIRE_GPU() \
+  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA GPU (or a CPU LibTorch)"
+
+// Every collective on CUDA tensors: results on the caller's GPU, equal to the CPU oracle.
+void body_cuda_tensors(Communicator& c, const torch::Device& dev) {
+  const int n = c.size(), me = c.rank();
+  for (auto dt : kDtypes) {
+    std::vector<torch::Tensor> parts;
+    std::vector<int64_t> send(n), recv(n);
+    for (int dst = 0; dst < n; ++dst) {
+      send[dst] = uneven_rows(me, dst);
+      parts.push_back(block(me, dst, send[dst], {2, 3}, dt));
+    }
+    for (int src = 0; src < n; ++src) recv[src] = uneven_rows(src, me);
+    torch::Tensor in = torch::cat(parts, 0).to(dev);
+    torch::Tensor out = c.all_to_all_v(in, send, recv);
+    ASSERT_EQ(out.device(), dev);
+    // Into a caller-provided buffer too.
+    torch::Tensor into = torch::full_like(out, 7);
+    c.all_to_all_v(in, send, recv, into);
+    EXPECT_TRUE(torch::equal(into, out));
+    torch::Tensor host = out.cpu();
+    int64_t off = 0;
+    for (int src = 0; src < n; ++src) {
+      EXPECT_TRUE(torch::equal(host.slice(0, off, off + recv[src]),
+                               block(src, me, recv[src], {2, 3}, dt)))
+          << "dtype " << dt << " from rank " << src;
+      off += recv[src];
+    }
+    torch::Tensor t = torch::full({4, 3}, me + 1, torch::kFloat64).to(dt).to(dev);
+    c.all_reduce(t, ReduceOp::Sum);
+    ASSERT_EQ(t.device(), dev);
+    EXPECT_TRUE(torch::equal(t.cpu(), torch::full({4, 3}, n * (n + 1) / 2, torch::kFloat64).to(dt)));
+    torch::Tensor g = c.all_gather(block(me, 0, 2, {3}, dt).to(dev));
+    ASSERT_EQ(g.device(), dev);
+    for (int src = 0; src < n; ++src)
+      EXPECT_TRUE(torch::equal(g.cpu().slice(0, 2 * src, 2 * src + 2), block(src, 0, 2, {3}, dt)));
+    torch::Tensor b = block(me, me, 3, {2}, dt).to(dev);
+    c.broadcast(b, n - 1);
+    ASSERT_EQ(b.device(), dev);
+    EXPECT_TRUE(torch::equal(b.cpu(), block(n - 1, n - 1, 3, {2}, dt)));
+  }
+  c.barrier();
+}
+}  // namespace
+
+TEST(DeviceSelection, LocalRankFromTheLaunchersEnvironment) {
+  ScopedEnv env;
+  for (const char* v : kLocalRankVars) env.set(v, nullptr);
+  EXPECT_EQ(local_rank_from_env(), -1);
+  env.set("LOCAL_RANK", "5");
+  EXPECT_EQ(local_rank_from_env(), 5);
+  env.set("SLURM_LOCALID", "3");
+  EXPECT_EQ(local_rank_from_env(), 3);  // SLURM before the generic LOCAL_RANK
+  env.set("OMPI_COMM_WORLD_LOCAL_RANK", "1");
+  EXPECT_EQ(local_rank_from_env(), 1);  // Open MPI first
+  env.set("OMPI_COMM_WORLD_LOCAL_RANK", "one");
+  try {
+    local_rank_from_env();
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const ConfigError& e) {
+    expect_contains(e.what(), "OMPI_COMM_WORLD_LOCAL_RANK = 'one'");
+  }
+  env.set("OMPI_COMM_WORLD_LOCAL_RANK", "-2");
+  EXPECT_THROW(local_rank_from_env(), ConfigError);
+}
+
+TEST(DeviceSelection, ParsesDeviceKinds) {
+  Config c = default_config({"parallel.device=cuda"});
+  EXPECT_EQ(c.parallel.device, DeviceKind::Cuda);
+  EXPECT_STREQ(enum_name(DeviceKind::Cuda), "cuda");
+  try {
+    default_config({"parallel.device=gpu"});
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const ConfigError& e) {
+    expect_contains(e.what(), "parallel.device = 'gpu' is not allowed: choose one of auto | cpu | cuda");
+  }
+}
+
+TEST(DeviceSelection, CpuAndAuto) {
+  EXPECT_EQ(select_device(DeviceKind::Cpu, 3), torch::Device(torch::kCPU));
+  const int n = cuda_device_count();
+  if (!torch_has_cuda()) {
+    EXPECT_EQ(n, 0);
+  }
+  if (n == 0)
+    EXPECT_EQ(select_device(DeviceKind::Auto, 3), torch::Device(torch::kCPU));
+  else
+    EXPECT_EQ(select_device(DeviceKind::Auto, 3), torch::Device(torch::kCUDA, 3 % n));
+  EXPECT_THROW(select_device(DeviceKind::Cpu, -1), ConfigError);
+  EXPECT_EQ(describe_device(torch::Device(torch::kCPU)), "cpu");
+  bind_device(torch::Device(torch::kCPU));  // nothing to do, never throws
+}
+
+TEST(DeviceSelection, CudaRefusedCleanlyWithoutAGpu) {
+  if (cuda_device_count() > 0) GTEST_SKIP() << "a GPU is visible: see CudaDevice.*";
+  try {
+    select_device(DeviceKind::Cuda, 0);
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(e.exit_code(), kExitBadInput);
+    // Says which is missing: the CUDA LibTorch, or a visible GPU.
+    expect_contains(e.what(), torch_has_cuda() ? "no CUDA GPU is visible" : "has no CUDA");
+    expect_contains(e.what(), "parallel.device = 'cuda'");
+  }
+}
+
+TEST(DeviceSelection, ThreadRanksAreTheirOwnLocalRanks) {
+  run_ranks(3, 10.0, [](Communicator& c) { EXPECT_EQ(node_local_rank(c), c.rank()); });
+}
+
+TEST(DeviceSelection, NcclBackendSaysWhatIsMissing) {
+#if MOE_HAVE_NCCL
+  GTEST_SKIP() << "this build has the NCCL backend";
+#else
+  try {
+    resolve_backend("nccl");
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const ConfigError& e) {
+    expect_contains(e.what(), "parallel.backend = 'nccl' but this build has no NCCL backend");
+    expect_contains(e.what(), MOE_TORCH_CUDA ? "NCCL was not found" : "is CPU-only");
+  }
+#endif
+}
+
+TEST(DeviceSelection, OtherDevicesAreRefusedByName) {
+  run_ranks(1, 10.0, [](Communicator& c) {
+    torch::Tensor meta = torch::empty({2, 2}, torch::TensorOptions().device(torch::kMeta));
+    try {
+      c.all_reduce(meta, ReduceOp::Sum);
+      ADD_FAILURE() << "no ShapeError";
+    } catch (const ShapeError& e) {
+      expect_contains(e.what(), "carries CPU and CUDA tensors only");
+    }
+  });
+}
+
+TEST(CudaDevice, SelectsLocalRankModuloVisibleGpus) {
+  MOE_REQUIRE_GPU();
+  const int n = cuda_device_count();
+  for (int local = 0; local < 2 * n + 1; ++local)
+    EXPECT_EQ(select_device(DeviceKind::Cuda, local), torch::Device(torch::kCUDA, local % n));
+  expect_contains(describe_device(torch::Device(torch::kCUDA, 0)), "cuda:0 (");
+}
+
+class CudaThreadComm : public testing::TestWithParam<int> {};
+TEST_P(CudaThreadComm, StagesCudaTensorsThroughHost) {
+  MOE_REQUIRE_GPU();
+  // All thread ranks share GPU 0 when there is one GPU.
+  run_ranks(GetParam(), 60.0, [](Communicator& c) {
+    torch::Device dev = select_device(DeviceKind::Cuda, c.rank());
+    bind_device(dev);
+    body_cuda_tensors(c, dev);
+  });
+}
+INSTANTIATE_TEST_SUITE_P(World, CudaThreadComm, testing::Values(1, 2, 3),
+                         [](const testing::TestParamInfo<int>& i) {
+                           return "w" + std::to_string(i.param);
+                         });
+
+#if MOE_HAVE_MPI
+// Under mpirun (launch/gpu-check.sh: mpirun -np 2 comm_tests --gtest_filter=MpiCuda*).
+TEST(MpiCudaConformance, StagesCudaTensorsThroughHost) {
+  MOE_REQUIRE_MPIRUN();
+  MOE_REQUIRE_GPU();
+  torch::Device dev = select_device(DeviceKind::Cuda, node_local_rank(mpi_world()));
+  bind_device(dev);
+  body_cuda_tensors(mpi_world(), dev);
+  mpi_world().barrier();
+}
+#endif
+
+#if MOE_HAVE_NCCL
+// NCCL conformance: the CPU bodies (control plane staged through the GPU)
+// and the CUDA body, on an NCCL world bootstrapped over thread ranks.
+class NcclGpuConformance : public testing::TestWithParam<int> {};
+TEST_P(NcclGpuConformance, AllBodies) {
+  MOE_REQUIRE_GPU();
+  const int world = GetParam();
+  if (world > cuda_device_count() && !NcclComm::multi_rank_gpu_allowed())
+    GTEST_SKIP() << world << " ranks on " << cuda_device_count() << " GPU(s) need NCCL >= 2.30 "
+                 << "with NCCL_MULTI_RANK_GPU_ENABLE=1; this NCCL is " << NcclComm::runtime_version();
+  run_ranks(world, 120.0, [](Communicator& boot) {
+    torch::Device dev = select_device(DeviceKind::Cuda, boot.rank());
+    bind_device(dev);
+    auto nccl = NcclComm::create(boot, dev.index(), 60.0);
+    ASSERT_EQ(nccl->rank(), boot.rank());
+    ASSERT_EQ(nccl->size(), boot.size());
+    body_cuda_tensors(*nccl, dev);
+    for (const auto& [name, body] : kBodies) {
+      SCOPED_TRACE(name);
+      body(*nccl);
+    }
+  });
+}
+INSTANTIATE_TEST_SUITE_P(World, NcclGpuConformance, testing::Values(1, 2),
+                         [](const testing::TestParamInfo<int>& i) {
+                           return "w" + std::to_string(i.param);
+                         });
+
+TEST(NcclGpuLaunch, BackendNcclRunsOnThreadRanks) {
+  MOE_REQUIRE_GPU();
+  if (cuda_device_count() < 2 && !NcclComm::multi_rank_gpu_allowed())
+    GTEST_SKIP() << "2 ranks on 1 GPU need NCCL >= 2.30 with NCCL_MULTI_RANK_GPU_ENABLE=1";
+  std::atomic<int> ran{0};
+  run_on_world(resolve_backend("nccl"), 2, 60.0, [&](Communicator& c) {
+    EXPECT_EQ(c.backend_name(), "nccl");
+    torch::Tensor t = torch::ones({3}, torch::TensorOptions().device(c.data_device()));
+    c.all_reduce(t, ReduceOp::Sum);
+    EXPECT_TRUE(torch::equal(t.cpu(), torch::full({3}, 2.0)));
+    ++ran;
+  });
+  EXPECT_EQ(ran.load(), 2);
+}
+
+TEST(NcclGpuLaunch, DeviceCpuIsRefused) {
+  try {
+    run_on_world("nccl", 1, 10.0, [](Communicator&) {}, DeviceKind::Cpu);
+    ADD_FAILURE() << "no ConfigError";
+  } catch (const ConfigError& e) {
+    expect_contains(e.what(), "parallel.device = 'cpu'");
+  }
+}
+#endif

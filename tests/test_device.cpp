@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <numeric>
 
+#include "moe/comm/device.h"
 #include "moe/comm/thread_comm.h"
 #include "moe/core/error.h"
 #include "moe/core/random.h"
@@ -329,18 +330,19 @@ TEST(DeviceAttention, SdpaMatchesExplicit) {
 
 TEST(DeviceSelect, CpuAndAutoWithoutGpuGiveCpu) {
   if (cuda_visible()) GTEST_SKIP() << "a GPU is visible";
-  EXPECT_TRUE(resolve_device(DeviceKind::Cpu, 0).is_cpu());
-  EXPECT_TRUE(resolve_device(DeviceKind::Auto, 3).is_cpu());
+  EXPECT_TRUE(comm::select_device(DeviceKind::Cpu, 0).is_cpu());
+  EXPECT_TRUE(comm::select_device(DeviceKind::Auto, 3).is_cpu());
 }
 
 TEST(DeviceSelect, CudaRefusedCleanlyWhereMissing) {
   if (cuda_visible()) GTEST_SKIP() << "a GPU is visible";
   try {
-    resolve_device(DeviceKind::Cuda, 1);
+    comm::select_device(DeviceKind::Cuda, 1);
     FAIL() << "cuda accepted without a GPU";
   } catch (const ConfigError& e) {
     const std::string m = e.what();
-    EXPECT_TRUE(m.find("no CUDA") != std::string::npos || m.find("no GPU is visible") != std::string::npos)
+    EXPECT_TRUE(m.find("has no CUDA") != std::string::npos ||
+                m.find("no CUDA GPU is visible") != std::string::npos)
         << m;
   }
   std::string out;

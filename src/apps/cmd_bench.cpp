@@ -17,7 +17,7 @@
 #include "moe/core/timer.h"
 #include "moe/moe/moe_layer.h"
 #include "moe/parallel/safetensors.h"
-#include "moe/train/trainer.h"
+#include "moe/comm/device.h"
 #if MOE_HAVE_MPI
 #include "moe/comm/mpi_comm.h"
 #endif
@@ -189,7 +189,8 @@ LayerBench bench_layer(comm::Communicator& c, const Config& cfg, const std::stri
   const MoeConfig& mc = cfg.moe;
   const int64_t T = cfg.bench.tokens, D = cfg.model.d_model, k = mc.top_k, H = mc.d_expert;
   const int ep = c.size();
-  const torch::Device device = resolve_device(cfg.parallel.device, c.rank());
+  const torch::Device device = comm::select_device(cfg.parallel.device, comm::node_local_rank(c));
+  comm::bind_device(device);
   const auto dtype = cfg.bench.dtype == DType::BFloat16 ? torch::kBFloat16 : torch::kFloat32;
   MoELayer layer(mc, D, c, static_cast<uint64_t>(cfg.train.seed));
   layer.to(device);
@@ -398,7 +399,7 @@ int run_bench(const BenchArgs& args) {
       resolve_layout(cfg, c.size());  // experts divisible by the EP size, ranks consistent
       LayerBench b = bench_layer(c, cfg, args.dump_dir);
       if (c.rank() == 0) report_layer(b, cfg, c.size(), args.json);
-    });
+    }, cfg.parallel.device);
     return kExitOk;
   }
   if (args.what == "calibrate") return run_calibrate(args);
@@ -407,7 +408,7 @@ int run_bench(const BenchArgs& args) {
   comm::run_on_world(backend, nthreads, cfg.parallel.timeout_s, [&](comm::Communicator& c) {
     auto rows = bench_comm(c, cfg);
     if (c.rank() == 0) report_comm(rows, c.size(), c.backend_name(), args.json, args.dump_dir);
-  });
+  }, cfg.parallel.device);
   return kExitOk;
 }
 

@@ -26,7 +26,7 @@ int run_train(const TrainArgs& args) {
                     << r.losses.size() << " steps, " << static_cast<int64_t>(r.tokens_per_s)
                     << " tokens/s, peak RSS " << peak_rss_bytes() / (1 << 20) << " MiB"
                     << (opts.out_dir.empty() ? "" : "; outputs in " + opts.out_dir);
-  });
+  }, cfg.parallel.device);
   return kExitOk;
 }
 

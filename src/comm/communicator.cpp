@@ -63,9 +63,9 @@ void Communicator::set_timeout_s(double seconds) {
 }
 
 void Communicator::check_device(const torch::Tensor& t, const char* op, const char* arg) const {
-  MOE_CHECK_T(ShapeError, t.device().is_cpu(),
+  MOE_CHECK_T(ShapeError, t.device().is_cpu() || t.device().is_cuda(),
               op << ": " << arg << " is on " << t.device() << " but backend " << backend_name()
-                 << " carries CPU tensors only");
+                 << " carries CPU and CUDA tensors only");
 }
 
 namespace {
@@ -100,9 +100,16 @@ torch::Tensor Communicator::all_to_all(const torch::Tensor& input) {
               "all_to_all: input dim 0 = " << input.size(0) << " (shape " << shape_str(input)
                                            << ") is not divisible by the world size " << size());
   std::vector<int64_t> rows(size(), input.size(0) / size());
-  torch::Tensor out = make_output(input, rows);
-  do_all_to_all_v(input, rows, rows, out, "all_to_all");
-  return out;
+  const torch::Device dev = data_device();
+  if (input.device() == dev) {
+    torch::Tensor out = make_output(input, rows);
+    do_all_to_all_v(input, rows, rows, out, "all_to_all");
+    return out;
+  }
+  torch::Tensor staged = input.to(dev);  // staging (see the header)
+  torch::Tensor out = make_output(staged, rows);
+  do_all_to_all_v(staged, rows, rows, out, "all_to_all");
+  return out.to(input.device());
 }
 
 torch::Tensor Communicator::make_output(const torch::Tensor& input,
@@ -135,32 +142,56 @@ torch::Tensor Communicator::all_to_all_v(const torch::Tensor& input,
                     << counts_str(recv_rows) << " and input " << shape_str(input) << " "
                     << input.scalar_type() << " need [" << want[0] << ", ...] of "
                     << input.scalar_type());
-  } else {
-    out = make_output(input, recv_rows);
+    MOE_CHECK_T(ShapeError, out.device() == input.device(),
+                "all_to_all_v: out is on " << out.device() << " but input is on "
+                                           << input.device() << "; both must be on one device");
   }
-  do_all_to_all_v(input, send_rows, recv_rows, out, "all_to_all_v");
-  return out;
+  const torch::Device dev = data_device();
+  if (input.device() == dev) {
+    if (!out.defined()) out = make_output(input, recv_rows);
+    do_all_to_all_v(input, send_rows, recv_rows, out, "all_to_all_v");
+    return out;
+  }
+  // Staging (see the header): exchange on data_device(), copy back.
+  torch::Tensor staged_in = input.to(dev);
+  torch::Tensor staged_out = make_output(staged_in, recv_rows);
+  do_all_to_all_v(staged_in, send_rows, recv_rows, staged_out, "all_to_all_v");
+  if (out.defined()) {
+    out.copy_(staged_out);
+    return out;
+  }
+  return staged_out.to(input.device());
 }
 
 std::vector<int64_t> Communicator::exchange_counts(const std::vector<int64_t>& send_rows) {
   check_counts(*this, send_rows, "exchange_counts", "send_rows");
-  auto sent = torch::tensor(send_rows, torch::kInt64);
+  auto sent = torch::tensor(send_rows, torch::kInt64).to(data_device());
   std::vector<int64_t> ones(size(), 1);
   auto got = make_output(sent, ones);
   do_all_to_all_v(sent, ones, ones, got, "exchange_counts");
+  got = got.cpu();
   return std::vector<int64_t>(got.data_ptr<int64_t>(), got.data_ptr<int64_t>() + size());
 }
 
 void Communicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
   check_tensor(*this, tensor, "all_reduce", "tensor");
   check_device(tensor, "all_reduce", "tensor");
-  do_all_reduce(tensor, op);
+  const torch::Device dev = data_device();
+  if (tensor.device() == dev) {
+    do_all_reduce(tensor, op);
+    return;
+  }
+  torch::Tensor staged = tensor.to(dev);
+  do_all_reduce(staged, op);
+  tensor.copy_(staged);
 }
 
 torch::Tensor Communicator::all_gather(const torch::Tensor& tensor) {
   check_tensor(*this, tensor, "all_gather", "tensor");
   check_device(tensor, "all_gather", "tensor");
-  return do_all_gather(tensor);
+  const torch::Device dev = data_device();
+  if (tensor.device() == dev) return do_all_gather(tensor);
+  return do_all_gather(tensor.to(dev)).to(tensor.device());
 }
 
 void Communicator::broadcast(torch::Tensor& tensor, int root) {
@@ -169,7 +200,14 @@ void Communicator::broadcast(torch::Tensor& tensor, int root) {
   MOE_CHECK_T(
       ShapeError, root >= 0 && root < size(),
       "broadcast: root " << root << " is not a rank of this communicator (size " << size() << ")");
-  do_broadcast(tensor, root);
+  const torch::Device dev = data_device();
+  if (tensor.device() == dev) {
+    do_broadcast(tensor, root);
+    return;
+  }
+  torch::Tensor staged = tensor.to(dev);
+  do_broadcast(staged, root);
+  tensor.copy_(staged);
 }
 
 void Communicator::barrier() {

@@ -1,5 +1,7 @@
 #include "moe/comm/launch.h"
 
+#include <torch/version.h>
+
 #include <algorithm>
 #include <cstdlib>
 
@@ -40,8 +42,17 @@ std::string resolve_backend(const std::string& requested) {
     return requested;
   }
   if (requested == "nccl") {
-    MOE_CHECK_T(ConfigError, MOE_HAVE_NCCL && MOE_HAVE_MPI,
-                "parallel.backend = 'nccl' needs a build with NCCL and MPI (bootstrap)");
+    MOE_CHECK_T(ConfigError, MOE_HAVE_NCCL,
+                "parallel.backend = 'nccl' but this build has no NCCL backend: "
+                    << (MOE_TORCH_CUDA ? "the CUDA toolkit or NCCL was not found at configure time "
+                                         "(see the NCCL line of the configure summary)"
+                                       : "it needs a CUDA LibTorch and this one (" TORCH_VERSION
+                                         ") is CPU-only; rebuild against a CUDA torch wheel "
+                                         "(README, GPUs)")
+                    << ", or use parallel.backend=auto, thread or mpi");
+    MOE_CHECK_T(ConfigError, !launched_by_mpirun() || MOE_HAVE_MPI,
+                "parallel.backend = 'nccl' under mpirun needs the MPI backend to bootstrap NCCL, "
+                "and this build has none (apt-get install libopenmpi-dev and rebuild)");
     return requested;
   }
   MOE_THROW(ConfigError,
@@ -65,12 +76,35 @@ void abort_backends(int code) {
   (void)code;
 }
 
+#if MOE_HAVE_NCCL
+namespace {
+// One rank of an NCCL world bootstrapped over `boot` (MPI or a rank thread).
+void run_nccl_rank(Communicator& boot, DeviceKind device, double timeout_s,
+                   const std::function<void(Communicator&)>& fn) {
+  MOE_CHECK_T(ConfigError, device != DeviceKind::Cpu,
+              "parallel.backend = 'nccl' carries CUDA tensors but parallel.device = 'cpu': use "
+              "parallel.device=cuda or auto, or parallel.backend=auto, thread or mpi");
+  const torch::Device dev = select_device(DeviceKind::Cuda, node_local_rank(boot));
+  bind_device(dev);
+  auto nccl = NcclComm::create(boot, dev.index(), timeout_s);
+  fn(*nccl);
+}
+}  // namespace
+#endif
+
 void run_on_world(const std::string& backend, int thread_ranks, double timeout_s,
-                  const std::function<void(Communicator&)>& fn) {
+                  const std::function<void(Communicator&)>& fn, DeviceKind device) {
   if (backend == "thread") {
     run_ranks(thread_ranks, timeout_s, fn);
     return;
   }
+#if MOE_HAVE_NCCL
+  if (backend == "nccl" && !launched_by_mpirun()) {
+    run_ranks(thread_ranks, timeout_s,
+              [&](Communicator& boot) { run_nccl_rank(boot, device, timeout_s, fn); });
+    return;
+  }
+#endif
 #if MOE_HAVE_MPI
   if (backend == "mpi" || backend == "nccl") {
     auto world = MpiComm::world(timeout_s);
@@ -84,15 +118,15 @@ void run_on_world(const std::string& backend, int thread_ranks, double timeout_s
       return;
     }
 #if MOE_HAVE_NCCL
-    int local = 0;
-    if (const char* v = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = std::atoi(v);
-    auto nccl = NcclComm::create(*world, local, timeout_s);
-    fn(*nccl);
+    run_nccl_rank(*world, device, timeout_s, fn);
     return;
 #endif
   }
 #endif
-  MOE_THROW(ConfigError, "backend '" << backend << "' is not available in this build");
+  (void)device;
+  MOE_THROW(ConfigError, "parallel.backend = '" << backend
+                                                << "' is not available in this build (resolve_backend "
+                                                   "says why)");
 }
 
 }  // namespace moe::comm

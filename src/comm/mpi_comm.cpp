@@ -375,4 +375,16 @@ std::unique_ptr<Communicator> MpiComm::do_split(int color, int key) {
   return std::unique_ptr<MpiComm>(new MpiComm(p, timeout_s_, true));
 }
 
+int MpiComm::shared_memory_rank() {
+  if (g_broken) MOE_THROW(CommError, "shared_memory_rank refused: an earlier collective failed on this rank");
+  do_barrier();  // MPI_Comm_split_type blocks without a timeout: a barrier with one first
+  MPI_Comm node;
+  int rc = MPI_Comm_split_type(as_comm_c(comm_), MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node);
+  if (rc != MPI_SUCCESS) fail(std::string("MPI_Comm_split_type(shared) failed: ") + mpi_error_string(rc));
+  int local = 0;
+  MPI_Comm_rank(node, &local);
+  MPI_Comm_free(&node);
+  return local;
+}
+
 }  // namespace moe::comm

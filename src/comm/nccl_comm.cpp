@@ -3,14 +3,21 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <sstream>
 #include <thread>
 
-#if MOE_TORCH_CUDA
-#include <c10/cuda/CUDAStream.h>
+#if !MOE_TORCH_CUDA
+#error "nccl_comm.cpp needs a CUDA LibTorch (CMake builds it only when MOE_TORCH_CUDA is on)"
 #endif
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "moe/core/error.h"
 #include "moe/core/log.h"
@@ -24,13 +31,20 @@ ncclComm_t nc(void* p) {
   return static_cast<ncclComm_t>(p);
 }
 
+// Work goes on LibTorch's current stream of the device, so it is ordered
+// after the kernels that produced the tensors and before those that use them.
 cudaStream_t current_stream(int device) {
-#if MOE_TORCH_CUDA
-  return c10::cuda::getCurrentCUDAStream(device).stream();
-#else
-  (void)device;
-  return cudaStreamLegacy;
-#endif
+  return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+}
+
+// (host, GPU) identity of a device, to find ranks that share one GPU.
+int64_t gpu_identity(int device) {
+  char bus[64] = {0};
+  if (cudaDeviceGetPCIBusId(bus, sizeof bus, device) != cudaSuccess)
+    std::snprintf(bus, sizeof bus, "device-%d", device);
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  return static_cast<int64_t>(std::hash<std::string>{}(std::string(host) + "/" + bus) >> 1);
 }
 
 ncclDataType_t nccl_type(c10::ScalarType t) {
@@ -74,8 +88,52 @@ ncclConfig_t nonblocking_config() {
 }
 }  // namespace
 
+int NcclComm::runtime_version() {
+  int v = 0;
+  ncclGetVersion(&v);
+  return v;
+}
+
+bool NcclComm::multi_rank_gpu_allowed() {
+  const char* env = std::getenv("NCCL_MULTI_RANK_GPU_ENABLE");
+  return runtime_version() >= 23000 && env && std::string(env) == "1";
+}
+
+torch::Device NcclComm::data_device() const {
+  return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device_));
+}
+
 std::unique_ptr<NcclComm> NcclComm::create(Communicator& bootstrap, int device, double timeout_s) {
-  MOE_CUDA_CALL(cudaSetDevice(device), "cudaSetDevice(" << device << ")");
+  int visible = 0;
+  MOE_CUDA_CALL(cudaGetDeviceCount(&visible), "cudaGetDeviceCount on rank " << bootstrap.rank());
+  MOE_CHECK_T(ConfigError, device >= 0 && device < visible,
+              "NCCL rank " << bootstrap.rank() << ": CUDA device " << device
+                           << " does not exist; " << visible
+                           << " visible (CUDA_VISIBLE_DEVICES="
+                           << (std::getenv("CUDA_VISIBLE_DEVICES") ? std::getenv("CUDA_VISIBLE_DEVICES") : "unset")
+                           << ")");
+  MOE_CUDA_CALL(cudaSetDevice(device), "cudaSetDevice(" << device << ") on rank " << bootstrap.rank());
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  // Ranks sharing one GPU: NCCL before 2.30 refuses (init fails or hangs),
+  // so every rank checks the gathered (host, GPU) list and fails alike first.
+  if (!multi_rank_gpu_allowed()) {
+    torch::Tensor all = bootstrap.all_gather(torch::full({1}, gpu_identity(device), torch::kInt64));
+    const int64_t* id = all.data_ptr<int64_t>();
+    for (int a = 0; a < bootstrap.size(); ++a)
+      for (int b = a + 1; b < bootstrap.size(); ++b)
+        if (id[a] == id[b]) {
+          const int v = runtime_version();
+          MOE_THROW(ConfigError,
+                    "parallel.backend = 'nccl': ranks "
+                        << a << " and " << b << " share one GPU of one host, which NCCL "
+                        << v / 10000 << "." << v / 100 % 100 << "." << v % 100
+                        << (v >= 23000 ? " allows only with NCCL_MULTI_RANK_GPU_ENABLE=1 (export it)"
+                                       : " refuses (it needs NCCL >= 2.30 and NCCL_MULTI_RANK_GPU_ENABLE=1)")
+                        << "; use one rank per GPU, or parallel.backend=mpi or thread, which "
+                           "stage CUDA tensors through host memory (seen on rank "
+                        << bootstrap.rank() << ", cuda:" << device << ")");
+        }
+  }
   ncclUniqueId id;
   torch::Tensor id_bytes = torch::zeros({static_cast<int64_t>(sizeof id)}, torch::kUInt8);
   if (bootstrap.rank() == 0) {
@@ -90,9 +148,12 @@ std::unique_ptr<NcclComm> NcclComm::create(Communicator& bootstrap, int device, 
   ncclConfig_t config = nonblocking_config();
   ncclResult_t rc = ncclCommInitRankConfig(&comm, bootstrap.size(), id, bootstrap.rank(), &config);
   if (rc != ncclSuccess && rc != ncclInProgress)
-    MOE_THROW(CommError, "ncclCommInitRankConfig failed on rank " << bootstrap.rank() << ": "
+    MOE_THROW(CommError, "ncclCommInitRankConfig failed on rank " << bootstrap.rank() << " (cuda:"
+                                                                  << device << "): "
                                                                   << ncclGetErrorString(rc));
   std::unique_ptr<NcclComm> out(new NcclComm(comm, device, timeout_s));
+  out->rank_ = bootstrap.rank();  // for messages until NCCL reports it
+  out->size_ = bootstrap.size();
   out->wait_ready("ncclCommInitRankConfig");
   ncclCommUserRank(comm, &out->rank_);
   ncclCommCount(comm, &out->size_);
@@ -117,13 +178,13 @@ void NcclComm::abort(const std::string& reason) {
 
 void NcclComm::fail(const std::string& reason) {
   abort(reason);
-  MOE_THROW(CommError, reason);
+  MOE_THROW(CommError, "NCCL rank " << rank_ << " (cuda:" << device_ << "): " << reason);
 }
 
 void NcclComm::check_device(const torch::Tensor& t, const char* op, const char* arg) const {
-  MOE_CHECK_T(ShapeError, t.device().is_cuda() && t.device().index() == device_,
-              op << ": " << arg << " is on " << t.device()
-                 << " but the NCCL communicator uses cuda:" << device_);
+  MOE_CHECK_T(ShapeError, t.device().is_cpu() || (t.device().is_cuda() && t.device().index() == device_),
+              op << ": " << arg << " is on " << t.device() << " but the NCCL communicator of rank "
+                 << rank_ << " uses cuda:" << device_ << " (CPU tensors are staged through it)");
 }
 
 void NcclComm::wait_ready(const char* what) {
@@ -179,6 +240,7 @@ void NcclComm::wait(const char* op, uint64_t seq) {
 void NcclComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
                                const std::vector<int64_t>& recv_rows, torch::Tensor& out,
                                const char* op) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   MOE_CHECK_T(CommError, !aborted_, op << " refused: this NCCL communicator was aborted");
   const uint64_t seq = ++seq_;
   const int64_t rb = row_bytes(input);
@@ -223,6 +285,7 @@ void NcclComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int
 }
 
 void NcclComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   MOE_CHECK_T(CommError, !aborted_, "all_reduce refused: this NCCL communicator was aborted");
   const uint64_t seq = ++seq_;
   ncclRedOp_t nop = op == ReduceOp::Max ? ncclMax : op == ReduceOp::Avg ? ncclAvg : ncclSum;
@@ -236,6 +299,7 @@ void NcclComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
 }
 
 torch::Tensor NcclComm::do_all_gather(const torch::Tensor& tensor) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   MOE_CHECK_T(CommError, !aborted_, "all_gather refused: this NCCL communicator was aborted");
   const uint64_t seq = ++seq_;
   std::vector<int64_t> shape = tensor.sizes().vec();
@@ -250,6 +314,7 @@ torch::Tensor NcclComm::do_all_gather(const torch::Tensor& tensor) {
 }
 
 void NcclComm::do_broadcast(torch::Tensor& tensor, int root) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   MOE_CHECK_T(CommError, !aborted_, "broadcast refused: this NCCL communicator was aborted");
   const uint64_t seq = ++seq_;
   MOE_NCCL_CALL(
@@ -260,12 +325,14 @@ void NcclComm::do_broadcast(torch::Tensor& tensor, int root) {
 }
 
 void NcclComm::do_barrier() {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   torch::Tensor one =
-      torch::ones({1}, torch::TensorOptions().dtype(torch::kInt32).device(torch::kCUDA, device_));
+      torch::ones({1}, torch::TensorOptions().dtype(torch::kInt32).device(data_device()));
   do_all_reduce(one, ReduceOp::Sum);
 }
 
 std::unique_ptr<Communicator> NcclComm::do_split(int color, int key) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   MOE_CHECK_T(CommError, !aborted_, "split refused: this NCCL communicator was aborted");
   ncclComm_t child = nullptr;
   ncclConfig_t config = nonblocking_config();

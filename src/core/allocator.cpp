@@ -2,6 +2,7 @@
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <torch/version.h>
 
 #include <cstdlib>
 #include <map>
@@ -17,15 +18,30 @@ constexpr size_t kLarge = size_t{1} << 20;  // cache blocks of at least 1 MiB
 constexpr size_t kRound = size_t{1} << 16;  // bucket granularity: 64 KiB
 constexpr size_t kAlign = 64;
 
+// The one place that knows LibTorch's allocator interface changed: from 2.3
+// `allocate` is no longer const and `copy_data` is pure virtual.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+#define MOE_ALLOCATE_CONST
+#define MOE_ALLOCATOR_HAS_COPY_DATA 1
+#else
+#define MOE_ALLOCATE_CONST const
+#define MOE_ALLOCATOR_HAS_COPY_DATA 0
+#endif
+
 class CachingCpuAllocator final : public c10::Allocator {
  public:
   explicit CachingCpuAllocator(int64_t limit) : limit_(static_cast<size_t>(limit)) {}
 
-  c10::DataPtr allocate(size_t n) const override {
+  c10::DataPtr allocate(size_t n) MOE_ALLOCATE_CONST override {
     void* p = take(n);
     return {p, p, &CachingCpuAllocator::release, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &CachingCpuAllocator::release; }
+#if MOE_ALLOCATOR_HAS_COPY_DATA
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+#endif
 
   static CachingCpuAllocator* instance;
 

@@ -11,6 +11,9 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <sstream>
+#include <type_traits>
+#include <utility>
 #include <nlohmann/json.hpp>
 
 #include "moe/core/error.h"
@@ -61,9 +64,24 @@ std::string step_name(int64_t step) {
   return buf;
 }
 
+// The optimizer's state key of a parameter: LibTorch 1.x keys by the string
+// of the TensorImpl address (what c10::guts::to_string printed), 2.x by the
+// address itself (and has no c10::guts::to_string).
+template <class Key>
+Key state_key(const torch::Tensor& p) {
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream os;
+    os << p.unsafeGetTensorImpl();
+    return os.str();
+  } else {
+    return static_cast<Key>(p.unsafeGetTensorImpl());
+  }
+}
+using OptimStateKey = std::decay_t<decltype(std::declval<torch::optim::AdamW&>().state())>::key_type;
+
 torch::optim::AdamWParamState* adam_state(torch::optim::AdamW& opt, const torch::Tensor& p) {
   auto& states = opt.state();
-  auto it = states.find(c10::guts::to_string(p.unsafeGetTensorImpl()));
+  auto it = states.find(state_key<OptimStateKey>(p));
   return it == states.end() ? nullptr
                             : static_cast<torch::optim::AdamWParamState*>(it->second.get());
 }
@@ -75,7 +93,7 @@ void set_adam_state(torch::optim::AdamW& opt, const torch::Tensor& p, int64_t st
   // On the parameter's device (checkpoints are read on the CPU).
   st->exp_avg(m.to(p.device(), p.scalar_type()).clone());
   st->exp_avg_sq(v.to(p.device(), p.scalar_type()).clone());
-  opt.state()[c10::guts::to_string(p.unsafeGetTensorImpl())] = std::move(st);
+  opt.state()[state_key<OptimStateKey>(p)] = std::move(st);
 }
 
 // "layers.1.moe.w1" -> ("layers.1.moe", "w1")

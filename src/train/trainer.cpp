@@ -1,7 +1,6 @@
 #include "moe/train/trainer.h"
 
 #include <sys/stat.h>
-#include <torch/cuda.h>
 #include <torch/nn/functional/loss.h>
 #include <torch/optim/adamw.h>
 
@@ -13,6 +12,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "moe/comm/device.h"
 #include "moe/comm/mesh.h"
 #include "moe/core/error.h"
 #include "moe/core/filesystem.h"
@@ -47,34 +47,7 @@ std::string fmt_eta(double s) {
   return buf;
 }
 
-// Node-local rank from the launcher's environment (Open MPI, SLURM), else the
-// rank itself (thread ranks and single-node runs).
-int node_local_rank(int rank) {
-  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"})
-    if (const char* v = std::getenv(var)) return std::atoi(v);
-  return rank;
-}
-
 }  // namespace
-
-torch::Device resolve_device(DeviceKind requested, int rank) {
-  const int gpus = MOE_TORCH_CUDA && torch::cuda::is_available()
-                       ? static_cast<int>(torch::cuda::device_count())
-                       : 0;
-  if (requested == DeviceKind::Cpu || (requested == DeviceKind::Auto && gpus == 0))
-    return torch::Device(torch::kCPU);
-  if (!MOE_TORCH_CUDA)
-    MOE_THROW(ConfigError, "parallel.device = 'cuda' but this build's LibTorch has no CUDA "
-                           "(Debian's libtorch is CPU-only): build against a CUDA LibTorch "
-                           "(README, \"GPUs\") or use parallel.device=cpu|auto");
-  if (gpus == 0)
-    MOE_THROW(ConfigError, "parallel.device = 'cuda' on rank "
-                               << rank << " but no GPU is visible (CUDA_VISIBLE_DEVICES='"
-                               << (std::getenv("CUDA_VISIBLE_DEVICES") ? std::getenv("CUDA_VISIBLE_DEVICES") : "")
-                               << "'): use parallel.device=cpu|auto");
-  // One GPU per rank by node-local rank; more ranks than GPUs share them.
-  return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(node_local_rank(rank) % gpus));
-}
 
 TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptions& opts) {
   const int64_t rss_at_start = current_rss_bytes();
@@ -85,7 +58,9 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   const auto& t = cfg.train;
   const int W = world.size();
 
-  const torch::Device device = resolve_device(cfg.parallel.device, world.rank());
+  const torch::Device device =
+      comm::select_device(cfg.parallel.device, comm::node_local_rank(world));
+  comm::bind_device(device);
   TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(t.seed));
   model.to_device(device);  // before the optimizer exists: it keeps parameter references
   model.set_compute_dtype(t.dtype == DType::BFloat16 ? torch::kBFloat16 : torch::kFloat32);
@@ -147,7 +122,8 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
         const int64_t d = all[r].item<int64_t>();
         os << (r ? ", " : "") << "rank " << r << " " << (d < 0 ? "cpu" : "cuda:" + std::to_string(d));
       }
-      MOE_LOG(Info) << "devices: " << os.str() << "; compute dtype " << enum_name(t.dtype);
+      MOE_LOG(Info) << "devices: " << os.str() << " (rank 0: " << comm::describe_device(device)
+                    << "); compute dtype " << enum_name(t.dtype);
     }
   }
 

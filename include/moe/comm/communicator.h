@@ -6,6 +6,14 @@
 // Every collective is bounded by the timeout: a peer that died, threw,
 // stalled or sent a different size gives CommError on every live rank, naming
 // the rank and the operation, never a hang.
+//
+// Devices: each backend moves data on one device, data_device() (CPU for
+// ThreadComm and MpiComm, the rank's GPU for NcclComm). Tensors on another
+// device (CUDA tensors on ThreadComm/MpiComm, the CPU control-plane tensors
+// on NcclComm) are staged here, in the public methods: copied to
+// data_device(), exchanged, and the result copied back to the caller's
+// device. So `--ranks N` and `mpirun -np N` carry CUDA tensors (several ranks
+// may share one GPU), at the price of one device<->host copy each way.
 #pragma once
 #include <torch/types.h>
 
@@ -25,6 +33,8 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string backend_name() const = 0;
+  // The device the backend's data plane works on; tensors elsewhere are staged.
+  virtual torch::Device data_device() const { return torch::Device(torch::kCPU); }
   // Seconds a collective may wait for its peers before raising CommError.
   double timeout_s() const { return timeout_s_; }
   void set_timeout_s(double seconds);
@@ -68,7 +78,8 @@ class Communicator {
   virtual void do_broadcast(torch::Tensor& tensor, int root) = 0;
   virtual void do_barrier() = 0;
   virtual std::unique_ptr<Communicator> do_split(int color, int key) = 0;
-  // Backends may restrict devices (NCCL: CUDA only; others: CPU only).
+  // Which devices a caller may pass (default: CPU and CUDA, staged as needed;
+  // NCCL refuses a GPU other than its own). ShapeError naming the argument.
   virtual void check_device(const torch::Tensor& t, const char* op, const char* arg) const;
 
   double timeout_s_ = 60.0;

@@ -30,6 +30,10 @@ class MpiComm : public Communicator {
   std::string backend_name() const override { return "mpi"; }
   void abort(const std::string& reason) override;
 
+  // This rank's index among the ranks of its node (MPI_Comm_split_type with
+  // MPI_COMM_TYPE_SHARED). Collective over this communicator.
+  int shared_memory_rank();
+
   // The raw MPI_Alltoallv over the same buffers, for `moe bench comm`.
   void raw_alltoallv(const torch::Tensor& input, torch::Tensor& output,
                      const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows);

@@ -3,8 +3,13 @@
 // the unique id over a CPU communicator (MPI or threads). Work is enqueued on
 // the current CUDA stream; completion is polled so every collective honours
 // the timeout, after which the communicator is torn down with ncclCommAbort.
-// Built when the CUDA toolkit and NCCL are found; runs only with a
-// CUDA-enabled LibTorch on a GPU machine.
+// Built only against a CUDA LibTorch with the CUDA toolkit and NCCL found
+// (CMake: MOE_HAVE_NCCL implies MOE_TORCH_CUDA).
+//
+// CUDA tensors must be on the communicator's GPU; CPU tensors (the control
+// plane: count exchange, consistency checks, scalars) are staged through it
+// by Communicator. Two ranks on one GPU: NCCL before 2.30 refuses it; from
+// 2.30 it works with NCCL_MULTI_RANK_GPU_ENABLE=1 (create() says so).
 #pragma once
 #include "moe/comm/communicator.h"
 
@@ -12,13 +17,21 @@ namespace moe::comm {
 
 class NcclComm : public Communicator {
  public:
-  // Collective over `bootstrap`: every rank passes the CUDA device it uses.
+  // Collective over `bootstrap` (MPI or thread ranks): every rank passes the
+  // CUDA device it uses. Throws CommError naming the rank on failure or timeout.
   static std::unique_ptr<NcclComm> create(Communicator& bootstrap, int device, double timeout_s);
+  // The NCCL library in use at run time, as NCCL_VERSION_CODE (2.30.3 -> 23003).
+  static int runtime_version();
+  // True when this NCCL lets several ranks share one GPU (2.30 and later,
+  // with NCCL_MULTI_RANK_GPU_ENABLE=1 in the environment).
+  static bool multi_rank_gpu_allowed();
   ~NcclComm() override;
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend_name() const override { return "nccl"; }
+  torch::Device data_device() const override;
+  int device() const { return device_; }
   void abort(const std::string& reason) override;
 
  protected:

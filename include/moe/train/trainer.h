@@ -37,11 +37,6 @@ struct TrainResult {
 // Collective over `world`. Throws ConfigError for layouts that do not fit.
 TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptions& opts);
 
-// The device of this rank for parallel.device: CPU, or CUDA device
-// (node-local rank % visible GPUs). ConfigError naming what is missing when
-// cuda is asked of a build or machine without it.
-torch::Device resolve_device(DeviceKind requested, int rank);
-
 // Learning rate at `step` (0-based): linear warmup, then cosine / linear /
 // constant decay to lr * min_lr_ratio at the last step.
 double learning_rate(const TrainConfig& t, int64_t step);
