@@ -126,25 +126,25 @@ WHEEL_LDFLAGS="-Wl,-rpath-link,$LIBDIRS"
 
 # --- 4. configure, compile, link --------------------------------------------------------
 log "configuring $BUILD_DIR against LibTorch $TORCH_VER (CUDA toolkit $CUDA_ROOT)"
-GENERATOR=()
+GENERATOR=(); mkdir -p "$BUILD_DIR"
 if command -v ninja >/dev/null && [ ! -f "$BUILD_DIR/Makefile" ]; then GENERATOR=(-G Ninja); fi
 export CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/ccache}"
 if ! cmake -S "$ROOT" -B "$BUILD_DIR" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DCMAKE_PREFIX_PATH="$TORCH_CMAKE" -DTorch_DIR="$TORCH_CMAKE/Torch" \
       -DMOE_CUDA_ROOT="$CUDA_ROOT" -DCUDAToolkit_ROOT="$CUDA_ROOT" -DCMAKE_CUDA_COMPILER="$CUDA_ROOT/bin/nvcc" \
       -DCMAKE_EXE_LINKER_FLAGS="$WHEEL_LDFLAGS" -DCMAKE_SHARED_LINKER_FLAGS="$WHEEL_LDFLAGS" \
-      -DMOE_ENABLE_NCCL=ON "$@" > "$BUILD_DIR.configure.log" 2>&1; then
-  tail -40 "$BUILD_DIR.configure.log" >&2
-  die "configure failed (full log: $BUILD_DIR.configure.log)"
+      -DMOE_ENABLE_NCCL=ON "$@" > "$BUILD_DIR/check-configure.log" 2>&1; then
+  tail -40 "$BUILD_DIR/check-configure.log" >&2
+  die "configure failed (full log: $BUILD_DIR/check-configure.log)"
 fi
 SUMMARY="$BUILD_DIR/moe-configure-summary.txt"
 grep -q 'CUDA (LibTorch): ON' "$SUMMARY" || { cat "$SUMMARY" >&2; die "LibTorch $TORCH_VER was not detected as a CUDA build"; }
 grep -q 'NCCL backend   : ON' "$SUMMARY" || { cat "$SUMMARY" >&2; die "the NCCL backend is off"; }
 log "building (JOBS=$JOBS)"
 KEEP_GOING=(); grep -q Ninja "$BUILD_DIR/CMakeCache.txt" && KEEP_GOING=(-- -k 0)   # list every failing file at once
-if ! cmake --build "$BUILD_DIR" -j "$JOBS" "${KEEP_GOING[@]}" > "$BUILD_DIR.build.log" 2>&1; then
-  grep -E -B2 -A12 'error|undefined reference' "$BUILD_DIR.build.log" | head -120 >&2
-  die "compile or link failed (full log: $BUILD_DIR.build.log)" 1
+if ! cmake --build "$BUILD_DIR" -j "$JOBS" "${KEEP_GOING[@]}" > "$BUILD_DIR/check-build.log" 2>&1; then
+  grep -E -B2 -A12 'error|undefined reference' "$BUILD_DIR/check-build.log" | head -120 >&2
+  die "compile or link failed (full log: $BUILD_DIR/check-build.log)" 1
 fi
 # What was linked: every executable, and that the program really depends on CUDA LibTorch and NCCL.
 mapfile -t EXES < <(find "$BUILD_DIR/bin" -maxdepth 1 -type f -executable | sort)
