@@ -188,15 +188,20 @@ INSTANTIATE_TEST_SUITE_P(Layouts, TrainParity,
 // summed over the expert-DP group before the update (else the DP replicas'
 // biases, and their routing, drift apart from the one-rank run).
 TEST(TrainParityBias, BalanceBiasAtEp2Dp2MatchesOneRank) {
+  // 5 steps: the sign updates of a small model's bias can oscillate back to
+  // exactly 0 over an even number of steps.
   std::vector<std::string> bias = {"moe.bias_update_rate=0.02"};
-  std::string ref = run_to_dir("bias_ref", 1, small_config(1, 1, 6, bias));
-  std::string par = run_to_dir("bias_par", 4, small_config(4, 2, 6, bias));
+  std::string ref = run_to_dir("bias_ref", 1, small_config(1, 1, 5, bias));
+  std::string par = run_to_dir("bias_par", 4, small_config(4, 2, 5, bias));
   expect_same_steps(par, ref, 1e-5);
   expect_same_params(par, ref, 1e-5);  // includes buffer.*.balance_bias
   // Not vacuous: the bias moved.
   auto t = checkpoint_tensors(ref, true);
-  ASSERT_TRUE(t.count("buffer.layers.0.moe.router.balance_bias"));
-  EXPECT_GT(t["buffer.layers.0.moe.router.balance_bias"].abs().max().item<double>(), 0.01);
+  for (const char* k :
+       {"buffer.layers.0.moe.router.balance_bias", "buffer.layers.1.moe.router.balance_bias"}) {
+    ASSERT_TRUE(t.count(k)) << k;
+    EXPECT_GT(t[k].abs().max().item<double>(), 0.01) << k;
+  }
 }
 
 // aux_loss_scope: global counts the expert loads f over the EP group's
@@ -209,7 +214,9 @@ TEST(TrainParityAux, GlobalScopeAtDp2CountsTheEpGroupsTokens) {
   std::string ep1dp2 = run_to_dir("aux_ep1dp2", 2, small_config(2, 1, 5, aux));
   std::string whole = run_to_dir("aux_whole", 1, small_config(1, 1, 5, aux));
   expect_same_steps(ep2dp2, ep1dp2, 1e-5);
-  expect_same_params(ep2dp2, ep1dp2, 1e-5);
+  // 1e-4: one AdamW element on a near-zero gradient amplifies rounding (3e-5 seen);
+  // the scopes' own difference is of order 1e-3 and larger.
+  expect_same_params(ep2dp2, ep1dp2, 1e-4);
   double max_diff = 0;
   auto a = read_metrics(ep2dp2), w = read_metrics(whole);
   ASSERT_EQ(a.size(), w.size());
