@@ -2,8 +2,10 @@
 # check_mpirun_fatal.sh MOE SOURCE_DIR MPIRUN...: `moe train` under mpirun
 # with 2 ranks; once training runs, rank 1 is stopped (SIGSTOP: a stalled
 # rank). Rank 0's next collective times out with a CommError, which must end
-# the whole job -- the stopped rank included -- with exit code 3. The loops
-# below are safety nets (bounded waits), not timing assertions.
+# the whole job -- the stopped rank included -- with exit code 3. Pass mpirun
+# `--mca orte_abort_on_non_zero_status 0` (ctest does) so that it is moe's
+# own abort, not mpirun reacting to rank 0's exit, that ends the job. The
+# loops below are safety nets (bounded waits), not timing assertions.
 set -u
 moe="$1"; src="$2"; shift 2
 dir="$(mktemp -d)"

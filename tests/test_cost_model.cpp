@@ -154,14 +154,14 @@ TEST(CostModel, PredictionMatchesHandComputedFigures) {
   PhaseCost grad_sync;  // ring all-reduce of 1e6 B over 2: moves 1e6 B, 2 latency steps = 24 us
   grad_sync.name = "grad_sync";
   grad_sync.collectives.push_back({"all_reduce", 2, 1000000, 0, 1});
-  PhaseCost optimizer;  // streaming 4e6 B over a 2 MiB working set, half of it in the 1 MiB
-  optimizer.name = "optimizer";  // cache: 2e6 / 80 GB/s + 2e6 / 20 GB/s = 25 + 100 = 125 us
+  PhaseCost optimizer;  // streaming 4e6 B over a 4 MiB working set, a quarter of it in the
+  optimizer.name = "optimizer";  // 1 MiB cache: 1e6 / 80 GB/s + 3e6 / 20 GB/s = 12.5 + 150 us
   optimizer.memory_bytes = 4000000;
   optimizer.streaming = true;
-  optimizer.working_set_bytes = 2 * 1048576;
+  optimizer.working_set_bytes = 4 * 1048576;
   cost.phases = {router, experts, dispatch, grad_sync, optimizer};
   // experts GEMMs: 6 x 256 x 64 x 64 = 6291456 FLOPs at 400 x 0.5 GFLOP/s = 31.45728 us.
-  const double want_us[] = {5.0, 31.45728 + 10 + 5, 44.0, 24.0, 125.0};
+  const double want_us[] = {5.0, 31.45728 + 10 + 5, 44.0, 24.0, 162.5};
   const StepPrediction p = predict_step(cost, hw);
   ASSERT_EQ(p.phase_ms.size(), 5u);
   double total_us = 0;
@@ -170,7 +170,7 @@ TEST(CostModel, PredictionMatchesHandComputedFigures) {
     EXPECT_NEAR(p.phase_ms[i].second * 1e3, want_us[i], 1e-6) << cost.phases[i].name;
     total_us += want_us[i];
   }
-  EXPECT_NEAR(p.step_ms * 1e3, total_us, 1e-6);  // 244.45728 us
+  EXPECT_NEAR(p.step_ms * 1e3, total_us, 1e-6);  // 281.95728 us
   EXPECT_NEAR(p.all_to_all_ms * 1e3, 44.0, 1e-6);
   EXPECT_NEAR(p.tokens_per_s, 200 / (total_us * 1e-6), 1e-3);
   EXPECT_NEAR(p.mfu, p.tokens_per_s * 1e6 / (2 * 1000e9), 1e-12);  // gpu peak x 2 ranks
@@ -181,7 +181,7 @@ TEST(CostModel, PredictionMatchesHandComputedFigures) {
   const StepPrediction h = predict_step(cost, bf16);
   EXPECT_NEAR(h.phase_ms[1].second * 1e3, 31.45728 + 5 + 5, 1e-6);
   EXPECT_NEAR(h.phase_ms[2].second * 1e3, 2 * (2 + 10), 1e-6);
-  EXPECT_NEAR(h.phase_ms[4].second * 1e3, 125.0, 1e-6);
+  EXPECT_NEAR(h.phase_ms[4].second * 1e3, 162.5, 1e-6);
   // World 4 over 2-rank nodes: 2 of the 3 peers are off the node. The
   // exchange's off-rank 1e6 B: 2/3 over the inter-node link (6.67e5 B / 5 GB/s
   // = 133.33 us, slower than the intra-node third), plus its 20 us latency.
