@@ -4,14 +4,20 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
+#include <thread>
 
 #include "moe/comm/mesh.h"
 #include "moe/comm/thread_comm.h"
 #include "moe/core/error.h"
 #include "moe/core/log.h"
+#include "moe/core/threads.h"
 #include "moe/moe/dispatch_plan.h"
 #include "moe/moe/moe_layer.h"
+#include "moe/moe/router.h"
+#include "test_support.h"
 #if MOE_HAVE_MPI
 #include "moe/comm/mpi_comm.h"
 #endif
@@ -304,21 +310,240 @@ TEST(MoeLosses, BalanceBiasMovesSkewedRouterTowardBalance) {
   EXPECT_EQ(layer.router->weight.grad().defined(), false);  // no gradient was involved
 }
 
+// ---- router options, through the public Router API against a naive reference -----------
+
+namespace {
+
+// Options are set as config overrides (as users set them), on top of E 8, k 2.
+MoeConfig router_cfg(std::vector<std::string> overrides) {
+  std::vector<std::string> all = {"moe.experts=8", "moe.top_k=2"};
+  all.insert(all.end(), overrides.begin(), overrides.end());
+  return default_config(all).moe;
+}
+
+struct NaiveRoute {
+  torch::Tensor idx, gate;  // [T, k] int64, [T, k] float
+};
+
+// Token by token: candidates = scores (+ balance bias when the bias is on);
+// with groups, only experts of the topk_groups groups whose best candidate
+// is highest; the k best candidates, best first; gate = the SCORES there
+// (never the bias), renormalised to sum to 1 when asked.
+NaiveRoute naive_route(const torch::Tensor& scores, const MoeConfig& c, const torch::Tensor& bias) {
+  const int64_t T = scores.size(0), E = c.experts, k = c.top_k;
+  const int64_t G = c.n_groups, per = E / G;
+  NaiveRoute r{torch::zeros({T, k}, torch::kInt64), torch::zeros({T, k})};
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> cand(E);
+    for (int64_t e = 0; e < E; ++e)
+      cand[e] = scores[t][e].item<double>() +
+                (c.bias_update_rate > 0 ? bias[e].item<double>() : 0.0);
+    std::vector<bool> allowed(E, true);
+    if (G > 1 && c.topk_groups < G) {
+      std::vector<std::pair<double, int64_t>> groups;
+      for (int64_t g = 0; g < G; ++g)
+        groups.push_back({*std::max_element(cand.begin() + g * per, cand.begin() + (g + 1) * per), g});
+      std::sort(groups.begin(), groups.end(), std::greater<>());
+      std::fill(allowed.begin(), allowed.end(), false);
+      for (int64_t i = 0; i < c.topk_groups; ++i)
+        for (int64_t e = 0; e < per; ++e) allowed[groups[i].second * per + e] = true;
+    }
+    std::vector<std::pair<double, int64_t>> order;
+    for (int64_t e = 0; e < E; ++e)
+      if (allowed[e]) order.push_back({cand[e], e});
+    std::sort(order.begin(), order.end(), std::greater<>());
+    double sum = 0;
+    for (int64_t j = 0; j < k; ++j) sum += scores[t][order[j].second].item<double>();
+    for (int64_t j = 0; j < k; ++j) {
+      r.idx[t][j] = order[j].second;
+      const double s = scores[t][order[j].second].item<double>();
+      r.gate[t][j] = c.renormalize && k > 1 ? s / sum : s;
+    }
+  }
+  return r;
+}
+
+// Routes x with the router and checks it against the naive reference built on
+// `logits` (what the router should have computed before scoring).
+void expect_route(const RouterOutput& out, const torch::Tensor& logits, const MoeConfig& c,
+                  const torch::Tensor& bias) {
+  torch::Tensor scores =
+      c.score_fn == "softmax" ? torch::softmax(logits, -1) : torch::sigmoid(logits);
+  expect_close(out.logits.detach(), logits, "logits");
+  expect_close(out.scores.detach(), scores, "scores");
+  NaiveRoute n = naive_route(scores, c, bias);
+  EXPECT_TRUE(torch::equal(out.expert_idx, n.idx)) << "expert ids differ from the reference";
+  expect_close(out.gate.detach(), n.gate, "gate weights", 1e-6);
+}
+
+struct RouterFixture {
+  MoeConfig cfg;
+  Router router;
+  torch::Tensor x, clean;  // input [T, D] and its plain logits x W^T
+  RouterFixture(const MoeConfig& c, int64_t T = 64, int64_t D = 16)
+      : cfg(c), router(c, D, 5), x(randn_seeded({T, D}, 21)) {
+    {
+      torch::NoGradGuard ng;
+      router.weight.copy_(randn_seeded({c.experts, D}, 22, 0.5));  // spread: no near-ties
+    }
+    clean = torch::mm(x, router.weight.detach().t());
+  }
+};
+
+}  // namespace
+
+TEST(RouterOptions, DefaultsMatchTheReference) {
+  for (const char* score : {"softmax", "sigmoid"}) {
+    SCOPED_TRACE(score);
+    RouterFixture f(router_cfg({std::string("moe.score_fn=") + score}));
+    expect_route(f.router.forward(f.x, false), f.clean, f.cfg, f.router.balance_bias);
+  }
+}
+
+TEST(RouterOptions, TemperatureDividesTheLogits) {
+  for (double temp : {2.0, 0.5}) {
+    SCOPED_TRACE("temperature " + std::to_string(temp));
+    RouterFixture f(router_cfg({"moe.temperature=" + std::to_string(temp)}));
+    RouterOutput out = f.router.forward(f.x, false);
+    expect_route(out, f.clean / temp, f.cfg, f.router.balance_bias);
+    // It matters: the scores are not those at temperature 1.
+    EXPECT_GT((out.scores - torch::softmax(f.clean, -1)).abs().max().item<double>(), 1e-2);
+  }
+}
+
+TEST(RouterOptions, RenormalizeFalseKeepsTheRawScores) {
+  for (const char* score : {"softmax", "sigmoid"}) {
+    SCOPED_TRACE(score);
+    RouterFixture f(router_cfg({std::string("moe.score_fn=") + score, "moe.renormalize=false"}));
+    RouterOutput out = f.router.forward(f.x, false);
+    expect_route(out, f.clean, f.cfg, f.router.balance_bias);
+    EXPECT_GT((out.gate.sum(-1) - 1).abs().max().item<double>(), 1e-2);  // not summing to 1
+  }
+}
+
+TEST(RouterOptions, GroupLimitedTopK) {
+  // 16 experts in 4 groups of 4; each token picks 4 experts from its best 2 groups.
+  RouterFixture f(router_cfg({"moe.experts=16", "moe.top_k=4", "moe.n_groups=4",
+                              "moe.topk_groups=2"}),
+                  128);
+  RouterOutput out = f.router.forward(f.x, false);
+  expect_route(out, f.clean, f.cfg, f.router.balance_bias);
+  // Not vacuous: the group limit changed some token's choice from plain top-k.
+  torch::Tensor plain = std::get<1>(torch::softmax(f.clean, -1).topk(4, -1));
+  int64_t differ = 0;
+  for (int64_t t = 0; t < 128; ++t)
+    differ += !torch::equal(std::get<0>(out.expert_idx[t].sort()), std::get<0>(plain[t].sort()));
+  EXPECT_GT(differ, 0);
+}
+
+TEST(RouterOptions, BalanceBiasSteersSelectionButNotTheGates) {
+  RouterFixture f(router_cfg({"moe.bias_update_rate=0.05"}), 256);
+  // Mean load 95: expert 0 (400) is above it and moves down, the others move up.
+  torch::Tensor load = torch::tensor({400, 60, 60, 60, 60, 60, 60, 0}, torch::kInt64);
+  for (int i = 0; i < 3; ++i) f.router.update_balance_bias(load);
+  EXPECT_NEAR(f.router.balance_bias[0].item<double>(), -0.15, 1e-6);
+  EXPECT_NEAR(f.router.balance_bias[7].item<double>(), 0.15, 1e-6);
+  RouterOutput out = f.router.forward(f.x, false);
+  expect_route(out, f.clean, f.cfg, f.router.balance_bias);
+  // Not vacuous: the bias changed some token's choice.
+  torch::Tensor unbiased = std::get<1>(torch::softmax(f.clean, -1).topk(2, -1));
+  EXPECT_FALSE(torch::equal(out.expert_idx, unbiased));
+}
+
+TEST(RouterOptions, NoiseOnlyWhileTrainingWithTheGivenStd) {
+  RouterFixture f(router_cfg({"moe.router_noise_std=0.5"}), 2048);
+  expect_route(f.router.forward(f.x, false), f.clean, f.cfg, f.router.balance_bias);
+  RouterOutput a = f.router.forward(f.x, true, 11), b = f.router.forward(f.x, true, 11),
+               c = f.router.forward(f.x, true, 12);
+  EXPECT_TRUE(torch::equal(a.logits, b.logits)) << "same seed, same noise";
+  EXPECT_FALSE(torch::equal(a.logits, c.logits)) << "another seed, other noise";
+  torch::Tensor noise = a.logits.detach() - f.clean;  // 16384 draws of N(0, 0.5^2)
+  EXPECT_NEAR(noise.mean().item<double>(), 0.0, 0.02);
+  EXPECT_NEAR(noise.std().item<double>(), 0.5, 0.02);
+  expect_route(a, a.logits.detach(), f.cfg, f.router.balance_bias);  // routed on the noisy logits
+}
+
+TEST(RouterOptions, JitterOnlyWhileTrainingWithinItsBound) {
+  const double j = 0.1;
+  RouterFixture f(router_cfg({"moe.router_jitter=" + std::to_string(j)}), 512);
+  expect_route(f.router.forward(f.x, false), f.clean, f.cfg, f.router.balance_bias);
+  RouterOutput a = f.router.forward(f.x, true, 11), b = f.router.forward(f.x, true, 11);
+  EXPECT_TRUE(torch::equal(a.logits, b.logits));
+  // Input jitter: x * u, u ~ U[1 - j, 1 + j] per element, so each logit moves by
+  // at most j * sum_d |x_d W_ed|, and by a fair part of that on some.
+  torch::Tensor bound = j * torch::mm(f.x.abs(), f.router.weight.detach().abs().t());
+  torch::Tensor moved = (a.logits.detach() - f.clean).abs();
+  EXPECT_LE((moved - bound).max().item<double>(), 1e-5);
+  EXPECT_GT((moved / bound).max().item<double>(), 0.3);
+  expect_route(a, a.logits.detach(), f.cfg, f.router.balance_bias);
+}
+
+// Noise reaches the router through the layer while training, and not in eval.
+TEST(RouterOptions, MoELayerPassesTrainingAndSeedToTheRouter) {
+  MoeConfig c = router_cfg({"moe.router_noise_std=1.0", "moe.capacity_factor=0"});
+  Solo solo;
+  MoELayer layer(c, 16, *solo, 3);
+  torch::Tensor x = randn_seeded({64, 16}, 4);
+  torch::NoGradGuard ng;
+  torch::Tensor eval1 = layer.forward(x, false, 1).y, eval2 = layer.forward(x, false, 2).y;
+  torch::Tensor train1 = layer.forward(x, true, 1).y, train1b = layer.forward(x, true, 1).y;
+  EXPECT_TRUE(torch::equal(eval1, eval2));
+  EXPECT_TRUE(torch::equal(train1, train1b));
+  EXPECT_FALSE(torch::equal(train1, eval1));
+}
+
 // ---- determinism and bad input ----------------------------------------------------------
 
+// Big enough that the permute / unpermute loops split over the rank's threads
+// (T k = 8192 rows, at least 1024 tokens per thread): a sum whose order
+// depends on thread timing would show between two runs (bitwise), and a loop
+// that mishandles the split (a token lost or done twice at a boundary) would
+// show against a run on a single thread. That comparison has a tolerance:
+// OpenBLAS runs its products on every core in one case and on one in the
+// other, and rounds differently. Each run happens on a fresh thread with its
+// CPU budget set as for a one-rank process (every core) or as for one of
+// `cores` thread ranks (1).
 TEST(MoeLayer, TwoRunsAreBitwiseEqual) {
   MoeConfig c = make_cfg(8, 2, "softmax", 1.0);
-  Solo solo;
-  MoELayer a(c, 16, *solo, 7), b(c, 16, *solo, 7);
-  torch::Tensor x = randn_seeded({64, 16}, 8);
-  torch::Tensor xa = x.clone().requires_grad_(true), xb = x.clone().requires_grad_(true);
-  auto oa = a.forward(xa), ob = b.forward(xb);
-  EXPECT_TRUE(torch::equal(oa.y, ob.y));
-  (oa.y.pow(2).sum() + oa.aux_loss).backward();
-  (ob.y.pow(2).sum() + ob.aux_loss).backward();
-  EXPECT_TRUE(torch::equal(xa.grad(), xb.grad()));
-  EXPECT_TRUE(torch::equal(a.w1.grad(), b.w1.grad()));
-  EXPECT_TRUE(torch::equal(a.router->weight.grad(), b.router->weight.grad()));
+  const int64_t T = 4096, D = 32;
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  torch::Tensor x = randn_seeded({T, D}, 8);
+  struct Run {
+    torch::Tensor y, gx, gw1, gw2, grouter;
+    int budget = 0;
+  };
+  auto one_run = [&](int ranks_sharing_the_cores) {
+    Run r;
+    std::thread worker([&] {
+      configure_cpu_threads(ranks_sharing_the_cores);
+      r.budget = cpu_budget();
+      Solo solo;
+      MoELayer layer(c, D, *solo, 7);
+      torch::Tensor xi = x.clone().requires_grad_(true);
+      auto o = layer.forward(xi);
+      (o.y.pow(2).sum() + o.aux_loss).backward();
+      r.y = o.y.detach();
+      r.gx = xi.grad();
+      r.gw1 = layer.w1.grad();
+      r.gw2 = layer.w2.grad();
+      r.grouter = layer.router->weight.grad();
+    });
+    worker.join();
+    return r;
+  };
+  Run a = one_run(1), b = one_run(1), single = one_run(cores);
+  EXPECT_EQ(single.budget, 1);
+  if (cores > 1) EXPECT_GT(a.budget, 1) << "the loops should have run on several threads";
+  EXPECT_TRUE(torch::equal(a.y, b.y)) << "output";
+  EXPECT_TRUE(torch::equal(a.gx, b.gx)) << "grad x";
+  EXPECT_TRUE(torch::equal(a.gw1, b.gw1)) << "grad w1";
+  EXPECT_TRUE(torch::equal(a.gw2, b.gw2)) << "grad w2";
+  EXPECT_TRUE(torch::equal(a.grouter, b.grouter)) << "grad router";
+  expect_close(a.y, single.y, "output, several threads vs one");
+  expect_close(a.gx, single.gx, "grad x, several threads vs one");
+  expect_close(a.gw1, single.gw1, "grad w1, several threads vs one");
+  expect_close(a.gw2, single.gw2, "grad w2, several threads vs one");
+  expect_close(a.grouter, single.grouter, "grad router, several threads vs one");
 }
 
 TEST(MoeLayer, BadInputIsTyped) {
@@ -454,8 +679,12 @@ TEST(MoeEpParity, ExpertsThatReceiveNothingStillTakePart) {
 
 #if MOE_HAVE_MPI
 TEST(MpiMoeEpParity, MatchesSingleRankReference) {
-  if (!comm::MpiComm::launched_by_mpirun()) GTEST_SKIP() << "run under mpirun (ctest does)";
-  static auto world = comm::MpiComm::world(60.0);
+  static std::unique_ptr<comm::MpiComm> world;
+  auto mpi_world = [&]() -> comm::MpiComm& {
+    if (!world) world = comm::MpiComm::world(60.0);
+    return *world;
+  };
+  MOE_REQUIRE_MPI_WORLD(comm::MpiComm::launched_by_mpirun(), mpi_world().size());
   set_current_rank(world->rank());
   for (const auto& c : parity_configs()) body_ep_parity(*world, c);
   world->barrier();

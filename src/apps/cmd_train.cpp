@@ -14,7 +14,9 @@ int run_train(const TrainArgs& args) {
   Config cfg = load_config(args.config_path, args.overrides);
   const std::string backend = comm::resolve_backend(enum_name(cfg.parallel.backend));
   const int nthreads = thread_ranks(args.ranks, cfg);
-  if (backend == "thread") resolve_layout(cfg, nthreads);  // fail before starting threads
+  // Thread ranks (also NCCL bootstrapped over threads): fail before starting them.
+  if (backend == "thread" || (backend == "nccl" && !comm::launched_by_mpirun()))
+    resolve_layout(cfg, nthreads);
   TrainOptions opts;
   opts.out_dir = args.out_dir;
   opts.resume_dir = args.resume_dir;

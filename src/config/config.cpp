@@ -648,8 +648,12 @@ void validate_config(const Config& c) {
   }
   if (p.backend == Backend::Nccl && !MOE_HAVE_NCCL)
     MOE_THROW(ConfigError,
-              "parallel.backend = 'nccl' but this build has no NCCL backend "
-              "(configure with the CUDA toolkit and NCCL present)");
+              "parallel.backend = 'nccl' but this build has no NCCL backend: "
+                  << (MOE_TORCH_CUDA ? "the CUDA toolkit or NCCL was not found at configure time "
+                                       "(see the NCCL line of the configure summary)"
+                                     : "it needs a CUDA LibTorch and this build's is CPU-only; "
+                                       "rebuild against a CUDA torch wheel (README, GPUs)")
+                  << ", or use parallel.backend=auto, thread or mpi");
   if (p.backend == Backend::Mpi && !MOE_HAVE_MPI)
     MOE_THROW(ConfigError,
               "parallel.backend = 'mpi' but this build has no MPI backend "
