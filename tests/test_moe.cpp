@@ -368,7 +368,7 @@ NaiveRoute naive_route(const torch::Tensor& scores, const MoeConfig& c, const to
 void expect_route(const RouterOutput& out, const torch::Tensor& logits, const MoeConfig& c,
                   const torch::Tensor& bias) {
   torch::Tensor scores =
-      c.score_fn == "softmax" ? torch::softmax(logits, -1) : torch::sigmoid(logits);
+      c.score_fn == ScoreFn::Softmax ? torch::softmax(logits, -1) : torch::sigmoid(logits);
   expect_close(out.logits.detach(), logits, "logits");
   expect_close(out.scores.detach(), scores, "scores");
   NaiveRoute n = naive_route(scores, c, bias);
