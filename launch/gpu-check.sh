@@ -165,7 +165,7 @@ bench_step bench_fine "$ROOT/configs/bench/fine.yaml"
 MIX_TOKENS=0
 for tok in 32768 16384 8192 4096; do
   if bench_step "bench_mixtral_t$tok" "$ROOT/configs/bench/coarse.yaml" model.d_model=4096 model.heads=32 \
-       moe.d_expert=14336 moe.experts=8 moe.top_k=2 train.dtype=bfloat16 bench.tokens=$tok bench.warmup=2 bench.reps=5; then
+       moe.d_expert=14336 moe.experts=8 moe.top_k=2 bench.dtype=bfloat16 bench.tokens=$tok bench.warmup=2 bench.reps=5; then
     MIX_TOKENS=$tok; break
   fi
 done
