@@ -636,9 +636,13 @@ TEST(DeviceSelection, LocalRankFromTheLaunchersEnvironment) {
 }
 
 TEST(DeviceSelection, ParsesDeviceKinds) {
-  Config c = default_config({"parallel.device=cuda"});
-  EXPECT_EQ(c.parallel.device, DeviceKind::Cuda);
+  EXPECT_EQ(default_config({"parallel.device=cpu"}).parallel.device, DeviceKind::Cpu);
+  EXPECT_EQ(default_config().parallel.device, DeviceKind::Auto);
   EXPECT_STREQ(enum_name(DeviceKind::Cuda), "cuda");
+  if (MOE_TORCH_CUDA)
+    EXPECT_EQ(default_config({"parallel.device=cuda"}).parallel.device, DeviceKind::Cuda);
+  else  // refused when the config is validated, before any rank starts
+    EXPECT_THROW(default_config({"parallel.device=cuda"}), ConfigError);
   try {
     default_config({"parallel.device=gpu"});
     ADD_FAILURE() << "no ConfigError";

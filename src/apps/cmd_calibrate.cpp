@@ -45,6 +45,20 @@ double time_median(const Fn& fn, double budget_s = 0.3) {
   return median(t);
 }
 
+// Median seconds of a collective over a fixed number of repetitions: every
+// rank must call it equally often, so no rank may stop on its own clock.
+template <typename Fn>
+double time_median_reps(const Fn& fn, int reps) {
+  fn();
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    Stopwatch sw;
+    fn();
+    t.push_back(sw.seconds());
+  }
+  return median(t);
+}
+
 double gemm_gflops(int64_t n) {
   torch::Tensor a = torch::randn({n, n}), b = torch::randn({n, n}), c = torch::empty({n, n});
   const double s = time_median([&] { at::mm_out(c, a, b); });
@@ -172,7 +186,8 @@ int run_calibrate(const BenchArgs& args) {
       auto exchange = [&](int64_t rows) {
         std::vector<int64_t> counts(c.size(), rows);
         torch::Tensor in = torch::rand({rows * c.size(), row}), out = torch::empty_like(in);
-        return time_median([&] { c.all_to_all_v(in, counts, counts, out); }, 0.5);
+        return time_median_reps([&] { c.all_to_all_v(in, counts, counts, out); },
+                                rows == 1 ? 400 : 30);
       };
       const double s1 = exchange(1), s2 = exchange(large_rows);
       if (c.rank() == 0) small_s = s1, large_s = s2;
