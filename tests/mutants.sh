@@ -20,6 +20,7 @@
 #   tests/mutants.sh NAME [NAME...]      # some, by name (file name without .patch)
 #   tests/mutants.sh --list              # names and what they break
 #   tests/mutants.sh --check-applies     # only check that every patch applies
+#   tests/mutants.sh --table             # Markdown table: each mutant's latest result over past runs
 #
 # Environment: MUTANT_ROOT (scratch folder; default ~/.cache/moe-mutants: the
 # copy and its build folder live there and are reused between runs),
@@ -45,6 +46,17 @@ all_names() { for p in "$MDIR"/*.patch; do basename "$p" .patch; done; }
 
 if [ "${1:-}" = "--list" ]; then
   for n in $(all_names); do printf '%-28s %s\n' "$n" "$(field "$MDIR/$n.patch" Breaks)"; done
+  exit 0
+fi
+if [ "${1:-}" = "--table" ]; then  # the latest result of every mutant over past runs ($ROOT/history.tsv)
+  echo "| mutant | what it breaks | subset (ctest -R) | result | failing test(s) | s |"
+  echo "|---|---|---|---|---|---|"
+  for n in $(all_names); do
+    p="$MDIR/$n.patch"
+    IFS=$'\t' read -r _ st who secs when < <(grep -P "^$n\t" "$ROOT/history.tsv" 2>/dev/null | tail -1) || true
+    echo "| \`$n\` | $(field "$p" Breaks) | \`$(field "$p" Killed-by | sed 's/|/\\|/g')\` | ${st:-not run} | ${who:-} | ${secs:-} |"
+    st=""; who=""; secs=""
+  done
   exit 0
 fi
 CHECK_ONLY=0
@@ -141,6 +153,7 @@ for n in "${NAMES[@]}"; do
     echo "[mutants] $n: could not revert the patch in $SRC: see $log.revert.log" >&2; exit 1; }
   SECS[$n]=$(( $(date +%s) - t0 ))
   printf '[mutants] %-28s %-9s %4ss  %s\n' "$n" "${STATUS[$n]%% *}" "${SECS[$n]}" "${WHO[$n]:-${STATUS[$n]#* }}"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$n" "${STATUS[$n]}" "${WHO[$n]:-}" "${SECS[$n]}" "$(date -u +%FT%TZ)" >> "$ROOT/history.tsv"
 done
 # Leave the scratch build matching the unmutated sources for the next run.
 cmake --build "$BUILD" -j "$JOBS" > "$LOGS/final-build.log" 2>&1 || true
