@@ -26,9 +26,11 @@
 # copy and its build folder live there and are reused between runs),
 # MUTANT_JOBS (build and ctest parallelism, default 2), MUTANT_TIMEOUT (per-test
 # ctest timeout in seconds, default 600), MUTANT_RESULTS (a Markdown table of the
-# run is written there when set). This is not part of ctest.
+# run is written there when set), MUTANT_REPO (the repository; default this
+# script's, so a copy of the script can run while the original is edited).
+# This is not part of ctest.
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="${MUTANT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 MDIR="$REPO/tests/mutants"
 ROOT="${MUTANT_ROOT:-$HOME/.cache/moe-mutants}"
 SRC="$ROOT/src"
