@@ -16,7 +16,7 @@
 # the unmutated copy that fails its subset are errors. Exit status: 0 when every
 # mutant ran and was killed, 1 otherwise.
 #
-#   tests/mutants.sh                     # every mutant
+#   tests/mutants.sh                     # every mutant (after a baseline: the subsets pass unmutated)
 #   tests/mutants.sh NAME [NAME...]      # some, by name (file name without .patch)
 #   tests/mutants.sh --list              # names and what they break
 #   tests/mutants.sh --check-applies     # only check that every patch applies
@@ -118,6 +118,21 @@ run_subset() {  # $1: regex, $2: failed-list file, $3: log file
   if grep -q "No tests were found" "$log"; then return 3; fi
   return $rc
 }
+
+# Baseline: every named subset passes on the unmutated copy (else a "kill" proves
+# nothing). On by default for a full run; MUTANT_BASELINE=1/0 forces it on/off.
+if [ "${MUTANT_BASELINE:-$([ $# -eq 0 ] && echo 1 || echo 0)}" = 1 ]; then
+  union="$(for n in "${NAMES[@]}"; do field "$MDIR/$n.patch" Killed-by; done | sort -u | paste -sd '|')"
+  echo "[mutants] baseline: building every target and running the union of the subsets on the unmutated copy"
+  if ! cmake --build "$BUILD" -j "$JOBS" > "$LOGS/baseline.build.log" 2>&1; then
+    echo "[mutants] the unmutated copy does not build: see $LOGS/baseline.build.log" >&2; exit 1
+  fi
+  if ! run_subset "$union" "$LOGS/baseline.failed" "$LOGS/baseline.ctest.log"; then
+    echo "[mutants] the unmutated copy fails its subsets: $(paste -sd ' ' "$LOGS/baseline.failed") (see $LOGS/baseline.ctest.log)" >&2
+    exit 1
+  fi
+  echo "[mutants] baseline: $(grep -o '[0-9]*% tests passed.*' "$LOGS/baseline.ctest.log" | head -1 || true) ($(( $(date +%s) - START ))s)"
+fi
 
 declare -A STATUS WHO SECS
 killed=0; survived=0; errors=0
