@@ -114,7 +114,7 @@ run_subset() {  # $1: regex, $2: failed-list file, $3: log file
   local regex="$1" failed="$2" log="$3"
   (cd "$BUILD" && ctest -R "$regex" -j "$JOBS" --timeout "$TIMEOUT" --output-on-failure) > "$log" 2>&1
   local rc=$?
-  awk '/The following tests FAILED:/{f=1; next} f && /^[[:space:]]*[0-9]+ - / {sub(/^[[:space:]]*[0-9]+ - /, ""); print}' "$log" > "$failed"
+  awk '/The following tests FAILED:/{f=1; next} f && /^[[:space:]]*[0-9]+ - / {sub(/^[[:space:]]*[0-9]+ - /, ""); sub(/  # GetParam\(\) = [^(]*/, " "); print}' "$log" > "$failed"
   if grep -q "No tests were found" "$log"; then return 3; fi
   return $rc
 }
