@@ -282,6 +282,23 @@ TEST(MeshLayoutErrors, WrongProductIsConfigError) {
             [](Communicator& world) { EXPECT_THROW(ProcessMesh(world, 4, 1), ConfigError); });
 }
 
+// Send counts adding up to fewer rows than the input are refused too (the
+// conformance body checks too many): they would silently leave rows unsent.
+TEST(ThreadArgumentChecks, SendCountsShortOfTheInputAreRefused) {
+  run_ranks(2, 10.0, [](Communicator& c) {
+    torch::Tensor x = torch::zeros({4, 3});
+    std::vector<int64_t> short_by_one = {2, 1}, all = {2, 2};
+    try {
+      c.all_to_all_v(x, short_by_one, all);
+      ADD_FAILURE() << "no ShapeError";
+    } catch (const ShapeError& e) {
+      EXPECT_NE(std::string(e.what()).find("add up to 3 but input has 4 rows"), std::string::npos)
+          << e.what();
+    }
+    c.barrier();  // nothing was sent: the ranks are still in step
+  });
+}
+
 // ---- faults under ThreadComm ---------------------------------------------------------
 
 namespace {

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -21,6 +22,7 @@
 #include "moe/model/transformer.h"
 #include "moe/moe/moe_layer.h"
 #include "moe/parallel/checkpoint.h"
+#include "moe/parallel/grad_sync.h"
 #include "moe/parallel/safetensors.h"
 #include "moe/train/data.h"
 #include "moe/train/trainer.h"
@@ -1065,3 +1067,41 @@ TEST(MpiTrainParity, Ep2MatchesOneRank) {
   world->barrier();
 }
 #endif
+
+// Clipping scales every gradient by clip / norm: after synchronize_and_clip the
+// global gradient norm equals the threshold when it was above it, and is
+// unchanged when it was below it or clipping is off. (Parity tests cannot see a
+// wrong clip factor: the one-rank reference clips the same wrong way.)
+TEST(TrainClip, ClippedGradientNormEqualsTheThreshold) {
+  const Config cfg = small_config(1, 1, 1);
+  comm::run_ranks(1, 60.0, [&](comm::Communicator& world) {
+    comm::ProcessMesh mesh(world, 1, 1);
+    TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(cfg.train.seed));
+    GradSync sync(model, mesh, cfg.parallel.grad_bucket_mb);
+    auto data = make_data_source(cfg, 0, 1);
+    const Batch b = data->batch(0, 0, cfg.train.batch);
+    auto grad_norm = [&] {
+      double sq = 0;
+      for (const auto& p : model.parameters())
+        if (p.grad().defined()) sq += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+      return std::sqrt(sq);
+    };
+    for (double clip : {0.0, 1e-3, 1e6}) {
+      SCOPED_TRACE("clip " + std::to_string(clip));
+      for (auto& p : model.parameters())
+        if (p.grad().defined()) p.mutable_grad().zero_();
+      LMOutput out = model.forward(b.inputs, /*training=*/true, 1);
+      torch::Tensor lm = torch::nn::functional::cross_entropy(
+          out.logits.view({-1, cfg.model.vocab}), b.targets.view({-1}));
+      (lm + out.aux_loss + out.z_loss).backward();
+      const double before = grad_norm();
+      ASSERT_GT(before, 1e-2);  // so 1e-3 clips and 1e6 does not
+      EXPECT_NEAR(sync.synchronize_and_clip(clip), before, 1e-5 * before);
+      const double after = grad_norm();
+      if (clip > 0 && clip < before)
+        EXPECT_NEAR(after, clip, 1e-4 * clip);
+      else
+        EXPECT_NEAR(after, before, 1e-5 * before);
+    }
+  });
+}
