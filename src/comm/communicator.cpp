@@ -91,6 +91,19 @@ void check_counts(const Communicator& c, const std::vector<int64_t>& counts, con
     MOE_CHECK_T(ShapeError, counts[i] >= 0,
                 op << ": " << arg << "[" << i << "] = " << counts[i] << " is negative");
 }
+// Runs an in-place collective on `tensor`, staged through `dev` when the
+// tensor lives elsewhere (see the header).
+template <typename Fn>
+void in_place_on(const torch::Device& dev, torch::Tensor& tensor, const Fn& collective) {
+  if (tensor.device() == dev) {
+    collective(tensor);
+    return;
+  }
+  torch::Tensor staged = tensor.to(dev);
+  collective(staged);
+  tensor.copy_(staged);
+}
+
 }  // namespace
 
 torch::Tensor Communicator::all_to_all(const torch::Tensor& input) {
@@ -176,14 +189,7 @@ std::vector<int64_t> Communicator::exchange_counts(const std::vector<int64_t>& s
 void Communicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
   check_tensor(*this, tensor, "all_reduce", "tensor");
   check_device(tensor, "all_reduce", "tensor");
-  const torch::Device dev = data_device();
-  if (tensor.device() == dev) {
-    do_all_reduce(tensor, op);
-    return;
-  }
-  torch::Tensor staged = tensor.to(dev);
-  do_all_reduce(staged, op);
-  tensor.copy_(staged);
+  in_place_on(data_device(), tensor, [&](torch::Tensor& t) { do_all_reduce(t, op); });
 }
 
 torch::Tensor Communicator::all_gather(const torch::Tensor& tensor) {
@@ -200,14 +206,7 @@ void Communicator::broadcast(torch::Tensor& tensor, int root) {
   MOE_CHECK_T(
       ShapeError, root >= 0 && root < size(),
       "broadcast: root " << root << " is not a rank of this communicator (size " << size() << ")");
-  const torch::Device dev = data_device();
-  if (tensor.device() == dev) {
-    do_broadcast(tensor, root);
-    return;
-  }
-  torch::Tensor staged = tensor.to(dev);
-  do_broadcast(staged, root);
-  tensor.copy_(staged);
+  in_place_on(data_device(), tensor, [&](torch::Tensor& t) { do_broadcast(t, root); });
 }
 
 void Communicator::barrier() {

@@ -115,8 +115,10 @@ MoELayer::Routing MoELayer::route(const torch::Tensor& x, bool training, uint64_
   r.handle = dispatcher_.exchange(std::move(plan), totals.packed);
   sw.reset();
   const RoutingTotals g(E, r.handle.totals);  // host, summed over the EP group
-  const double* gv = g.packed.data_ptr<double>();
-  if (gv[3 * E + 3] > 0) {
+  const double nonfinite = g.nonfinite_logits().item<double>();
+  const double tokens_g = g.tokens().item<double>();
+  const double* routed_g = g.routed().data_ptr<double>();
+  if (nonfinite > 0) {
     // Every rank of the group sees the count, so every rank stops here together.
     torch::Tensor bad = (~torch::isfinite(ro.logits)).nonzero().cpu();
     std::ostringstream where;
@@ -128,17 +130,17 @@ MoELayer::Routing MoELayer::route(const torch::Tensor& x, bool training, uint64_
     else
       where << "; this rank's are finite (another rank of the EP group has them)";
     MOE_THROW(NumericError, "router logits are not finite: "
-                                << static_cast<int64_t>(gv[3 * E + 3]) << " of "
-                                << static_cast<int64_t>(gv[E + 1]) * E
+                                << static_cast<int64_t>(nonfinite) << " of "
+                                << static_cast<int64_t>(tokens_g) * E
                                 << " values over the EP group" << where.str()
                                 << " (check the input and the learning rate)");
   }
 
   // Losses: aux with f counted over the EP group ("global") or this rank ("local").
-  const double tokens_g = gv[E + 1];
+  const DispatchPlan& plan_done = r.handle.plan;
   torch::Tensor f = cfg_.aux_loss_scope == AuxLossScope::Global
                         ? totals.routed().to(torch::kFloat32) / (tokens_g * k)
-                        : plan_routed_fraction(r.handle.plan);
+                        : plan_done.routed.to(torch::kFloat32) / double(T * k);
   out.aux_loss = cfg_.aux_loss_coef * E * (f * p_local).sum();
   out.z_loss = cfg_.z_loss_coef * torch::logsumexp(ro.logits, -1).pow(2).mean();
 
@@ -146,15 +148,16 @@ MoELayer::Routing MoELayer::route(const torch::Tensor& x, bool training, uint64_
   st.tokens_per_expert.resize(E);
   double mx = 0, sum = 0;
   for (int64_t e = 0; e < E; ++e) {
-    st.tokens_per_expert[e] = static_cast<int64_t>(std::llround(gv[e]));
-    mx = std::max(mx, gv[e]);
-    sum += gv[e];
+    st.tokens_per_expert[e] = static_cast<int64_t>(std::llround(routed_g[e]));
+    mx = std::max(mx, routed_g[e]);
+    sum += routed_g[e];
   }
-  st.gate_per_expert.assign(gv + 2 * E + 3, gv + 3 * E + 3);
+  const double* gate_g = g.gate_sum().data_ptr<double>();
+  st.gate_per_expert.assign(gate_g, gate_g + E);
   st.tokens = static_cast<int64_t>(std::llround(tokens_g));
-  st.capacity = r.handle.plan.capacity;
-  st.drop_fraction = tokens_g > 0 ? gv[E] / (tokens_g * k) : 0.0;
-  st.router_entropy = tokens_g > 0 ? gv[2 * E + 2] / tokens_g : 0.0;
+  st.capacity = plan_done.capacity;
+  st.drop_fraction = tokens_g > 0 ? g.dropped().item<double>() / (tokens_g * k) : 0.0;
+  st.router_entropy = tokens_g > 0 ? g.entropy_sum().item<double>() / tokens_g : 0.0;
   st.max_load = mx;
   st.mean_load = sum / E;
   {
@@ -172,10 +175,6 @@ MoELayer::Routing MoELayer::route(const torch::Tensor& x, bool training, uint64_
   }
   times().forward[PhaseTimes::Router] += sw.seconds();
   return r;
-}
-
-torch::Tensor MoELayer::plan_routed_fraction(const DispatchPlan& plan) const {
-  return plan.routed.to(torch::kFloat32) / double(plan.tokens * plan.top_k);
 }
 
 torch::Tensor MoELayer::experts(const torch::Tensor& rows,

@@ -55,7 +55,7 @@ double GradSync::synchronize_and_clip(double clip) {
   };
   torch::Tensor shared_sq = sum_sq(shared_), expert_sq = sum_sq(expert_);
   if (mesh_.ep_group().size() > 1) mesh_.ep_group().all_reduce(expert_sq, comm::ReduceOp::Sum);
-  const double norm = std::sqrt((shared_sq.to(torch::kCPU) + expert_sq.to(torch::kCPU)).item<double>());
+  const double norm = std::sqrt((shared_sq.to(expert_sq.device()) + expert_sq).item<double>());
   if (!std::isfinite(norm))
     MOE_THROW(NumericError, "gradient norm is " << norm << ": lower train.lr or enable train.clip");
   if (clip > 0 && norm > clip) {

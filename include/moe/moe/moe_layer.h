@@ -103,7 +103,6 @@ class MoELayer : public torch::nn::Module {
   };
   Routing route(const torch::Tensor& x, bool training, uint64_t noise_seed, MoEOutput& out);
   torch::Tensor experts(const torch::Tensor& rows, const std::vector<ExpertSegment>& segments);
-  torch::Tensor plan_routed_fraction(const DispatchPlan& plan) const;
 
   MoeConfig cfg_;
   int64_t d_model_;
