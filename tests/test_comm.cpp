@@ -63,28 +63,44 @@ int64_t uneven_rows(int src, int dst) {
   return (src + 2 * dst) % 3;
 }  // includes zeros
 
+// Rank `me`'s uneven all_to_all_v: uneven_rows(me, dst) rows of block(me, dst) to each peer.
+struct UnevenExchange {
+  std::vector<int64_t> send, recv;
+  torch::Tensor input;  // [sum(send), 2, 3]
+};
+UnevenExchange uneven_exchange(int me, int n, c10::ScalarType dt) {
+  UnevenExchange x{std::vector<int64_t>(n), std::vector<int64_t>(n), {}};
+  std::vector<torch::Tensor> parts;
+  for (int dst = 0; dst < n; ++dst) {
+    x.send[dst] = uneven_rows(me, dst);
+    parts.push_back(block(me, dst, x.send[dst], {2, 3}, dt));
+  }
+  for (int src = 0; src < n; ++src) x.recv[src] = uneven_rows(src, me);
+  x.input = torch::cat(parts, 0);
+  return x;
+}
+// The received rows (on the CPU) are each source's block for `me`, in rank order.
+void expect_uneven_blocks(const torch::Tensor& out, const std::vector<int64_t>& recv, int me,
+                          c10::ScalarType dt) {
+  int64_t off = 0;
+  for (size_t src = 0; src < recv.size(); ++src) {
+    EXPECT_TRUE(torch::equal(out.slice(0, off, off + recv[src]),
+                             block(static_cast<int>(src), me, recv[src], {2, 3}, dt)))
+        << "dtype " << dt << " from rank " << src;
+    off += recv[src];
+  }
+}
+
 void body_all_to_all_v(Communicator& c) {
   const int n = c.size(), me = c.rank();
   for (auto dt : kDtypes) {
-    std::vector<torch::Tensor> parts;
-    std::vector<int64_t> send(n), recv(n);
-    for (int dst = 0; dst < n; ++dst) {
-      send[dst] = uneven_rows(me, dst);
-      parts.push_back(block(me, dst, send[dst], {2, 3}, dt));
-    }
-    for (int src = 0; src < n; ++src) recv[src] = uneven_rows(src, me);
-    EXPECT_EQ(c.exchange_counts(send), recv);
-    torch::Tensor out = c.all_to_all_v(torch::cat(parts, 0), send, recv);
+    UnevenExchange x = uneven_exchange(me, n, dt);
+    EXPECT_EQ(c.exchange_counts(x.send), x.recv);
+    torch::Tensor out = c.all_to_all_v(x.input, x.send, x.recv);
     int64_t total = 0;
-    for (auto r : recv) total += r;
+    for (auto r : x.recv) total += r;
     ASSERT_EQ(out.sizes(), torch::IntArrayRef({total, 2, 3}));
-    int64_t off = 0;
-    for (int src = 0; src < n; ++src) {
-      EXPECT_TRUE(
-          torch::equal(out.slice(0, off, off + recv[src]), block(src, me, recv[src], {2, 3}, dt)))
-          << "dtype " << dt << " from rank " << src;
-      off += recv[src];
-    }
+    expect_uneven_blocks(out, x.recv, me, dt);
   }
   // Everyone sends nothing at all.
   std::vector<int64_t> zeros(n, 0);
@@ -592,28 +608,15 @@ const char* const kLocalRankVars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCAL
 void body_cuda_tensors(Communicator& c, const torch::Device& dev) {
   const int n = c.size(), me = c.rank();
   for (auto dt : kDtypes) {
-    std::vector<torch::Tensor> parts;
-    std::vector<int64_t> send(n), recv(n);
-    for (int dst = 0; dst < n; ++dst) {
-      send[dst] = uneven_rows(me, dst);
-      parts.push_back(block(me, dst, send[dst], {2, 3}, dt));
-    }
-    for (int src = 0; src < n; ++src) recv[src] = uneven_rows(src, me);
-    torch::Tensor in = torch::cat(parts, 0).to(dev);
-    torch::Tensor out = c.all_to_all_v(in, send, recv);
+    UnevenExchange x = uneven_exchange(me, n, dt);
+    torch::Tensor in = x.input.to(dev);
+    torch::Tensor out = c.all_to_all_v(in, x.send, x.recv);
     ASSERT_EQ(out.device(), dev);
     // Into a caller-provided buffer too.
     torch::Tensor into = torch::full_like(out, 7);
-    c.all_to_all_v(in, send, recv, into);
+    c.all_to_all_v(in, x.send, x.recv, into);
     EXPECT_TRUE(torch::equal(into, out));
-    torch::Tensor host = out.cpu();
-    int64_t off = 0;
-    for (int src = 0; src < n; ++src) {
-      EXPECT_TRUE(torch::equal(host.slice(0, off, off + recv[src]),
-                               block(src, me, recv[src], {2, 3}, dt)))
-          << "dtype " << dt << " from rank " << src;
-      off += recv[src];
-    }
+    expect_uneven_blocks(out.cpu(), x.recv, me, dt);
     torch::Tensor t = torch::full({4, 3}, me + 1, torch::kFloat64).to(dt).to(dev);
     c.all_reduce(t, ReduceOp::Sum);
     ASSERT_EQ(t.device(), dev);
