@@ -70,6 +70,52 @@ TEST(CostModel, HandCheckedCountsForASmallConfig) {
   EXPECT_DOUBLE_EQ(c.train_flops_per_token, 3.0 * (2.0 * 704 + 128));
 }
 
+// train.zero and train.recompute in the estimate and the step cost, by hand.
+TEST(CostModel, ZeroAndRecomputeByHand) {
+  // World 4 at EP 2 x DP 2: 440 replicated floats (sharded over 4: 110 each),
+  // 288 expert floats per EP rank (sharded over its 2 replicas: 144 each).
+  const MemoryEstimate base = estimate_memory(hand_config({"parallel.ep=2"}), 4);
+  const MemoryEstimate zero = estimate_memory(hand_config({"parallel.ep=2", "train.zero=1"}), 4);
+  EXPECT_EQ(base.optimizer, 8 * (440 + 288));
+  EXPECT_EQ(zero.optimizer, 8 * (110 + 144));
+  EXPECT_EQ(zero.params, base.params);
+  EXPECT_EQ(zero.activations, base.activations);
+  // Recomputation keeps less once there are a few layers (each keeps its
+  // input, and one layer's activations are rebuilt at a time).
+  const MemoryEstimate moe = estimate_memory(hand_config({"model.layers=4", "train.recompute=moe"}), 2);
+  const MemoryEstimate block = estimate_memory(hand_config({"model.layers=4", "train.recompute=block"}), 2);
+  const MemoryEstimate none4 = estimate_memory(hand_config({"model.layers=4"}), 2);
+  EXPECT_LT(moe.activations, none4.activations);
+  EXPECT_LT(block.activations, none4.activations);
+  EXPECT_EQ(block.params, none4.params);
+
+  // Step cost: recompute adds one forward product per recomputed GEMM (the
+  // head excepted) and the forward collectives once more.
+  const StepCost plain = step_cost(hand_config(), 2);
+  const StepCost rb = step_cost(hand_config({"train.recompute=block"}), 2);
+  EXPECT_EQ(rb.phase("attention_dense").flops(), (9216 + 3072 + 3072) * 4 / 3 + 6144);
+  EXPECT_EQ(rb.phase("experts").flops(), plain.phase("experts").flops() * 4 / 3);
+  EXPECT_EQ(rb.phase("router").collectives[0].repeat, 2 * plain.phase("router").collectives[0].repeat);
+  EXPECT_EQ(rb.phase("dispatch").collectives[1].repeat,
+            plain.phase("dispatch").collectives[1].repeat * 3 / 2);
+  const StepCost rm = step_cost(hand_config({"train.recompute=moe"}), 2);
+  EXPECT_EQ(rm.phase("attention_dense").flops(), plain.phase("attention_dense").flops());
+  EXPECT_EQ(rm.phase("experts").flops(), rb.phase("experts").flops());
+
+  // zero 1: reduce-scatter + all-gather of the padded flat buffers instead of all-reduce.
+  const StepCost z = step_cost(hand_config({"parallel.ep=2", "train.zero=1"}), 4);
+  EXPECT_EQ(z.phase("grad_sync").all_reduce_bytes(), 8);  // the squared norm only
+  int64_t scattered = 0, gathered = 0;
+  for (const auto& c : z.phase("grad_sync").collectives)
+    if (c.kind == "reduce_scatter") scattered += c.bytes;
+  for (const auto& c : z.phase("optimizer").collectives)
+    if (c.kind == "all_gather") gathered += c.bytes;
+  EXPECT_EQ(scattered, (440 + 288) * 4);
+  EXPECT_EQ(gathered, scattered);
+  const HardwareProfile hw = load_hardware_profile(std::string(MOE_SOURCE_DIR) + "/configs/hardware/h100-8x-nvlink.yaml");
+  EXPECT_GT(predict_step(z, hw).step_ms, 0);
+}
+
 TEST(CostModel, OneRankHasNoExchangesAndDroplessSendsEverySlot) {
   const StepCost one = step_cost(hand_config(), 1);
   EXPECT_EQ(one.phase("dispatch").collectives.size(), 0u);

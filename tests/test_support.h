@@ -57,3 +57,14 @@ inline int& expected_mpi_world() {
           << "): is `mpirun` the launcher of the MPI this binary links?";                   \
     }                                                                                       \
   } while (0)
+
+// The statement throws `type` and its message contains `needle`.
+#define EXPECT_THROW_MSG(statement, type, needle)                                    \
+  do {                                                                               \
+    try {                                                                            \
+      statement;                                                                     \
+      ADD_FAILURE() << #statement " did not throw " #type;                           \
+    } catch (const type& e) {                                                        \
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what(); \
+    }                                                                                \
+  } while (0)

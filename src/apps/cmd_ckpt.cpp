@@ -351,8 +351,7 @@ int ckpt_prune(const std::string& run_dir, const std::string& out_dir,
   comm::run_ranks(1, cfg.parallel.timeout_s, [&](comm::Communicator& world) {
     comm::ProcessMesh mesh(world, 1, 1);
     TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(cfg.train.seed));
-    torch::optim::AdamW unused(model.parameters(), torch::optim::AdamWOptions(1e-3));
-    step = load_checkpoint(run_dir, model, unused, mesh, cfg);
+    step = load_checkpoint(run_dir, model, nullptr, mesh, cfg);
     auto data = make_data_source(cfg, 0, 1);
     torch::NoGradGuard ng;
     for (int64_t b = 0; b < batches; ++b) {

@@ -192,12 +192,55 @@ void Communicator::all_reduce(torch::Tensor& tensor, ReduceOp op) {
   in_place_on(data_device(), tensor, [&](torch::Tensor& t) { do_all_reduce(t, op); });
 }
 
-torch::Tensor Communicator::all_gather(const torch::Tensor& tensor) {
+torch::Tensor Communicator::all_gather(const torch::Tensor& tensor, torch::Tensor out) {
   check_tensor(*this, tensor, "all_gather", "tensor");
   check_device(tensor, "all_gather", "tensor");
+  if (out.defined()) {
+    check_tensor(*this, out, "all_gather", "out");
+    std::vector<int64_t> want = tensor.sizes().vec();
+    want[0] *= size();
+    MOE_CHECK_T(ShapeError,
+                out.sizes().vec() == want && out.scalar_type() == tensor.scalar_type() &&
+                    out.device() == tensor.device(),
+                "all_gather: out is " << shape_str(out) << " " << out.scalar_type() << " on "
+                                      << out.device() << " but " << size() << " ranks' "
+                                      << shape_str(tensor) << " " << tensor.scalar_type()
+                                      << " on " << tensor.device() << " need [" << want[0]
+                                      << ", ...] of that dtype on that device");
+  }
   const torch::Device dev = data_device();
-  if (tensor.device() == dev) return do_all_gather(tensor);
-  return do_all_gather(tensor.to(dev)).to(tensor.device());
+  torch::Tensor gathered =
+      tensor.device() == dev ? do_all_gather(tensor) : do_all_gather(tensor.to(dev));
+  if (!out.defined()) return gathered.to(tensor.device());
+  out.copy_(gathered);
+  return out;
+}
+
+void Communicator::reduce_scatter(const torch::Tensor& input, torch::Tensor& out, ReduceOp op) {
+  check_tensor(*this, input, "reduce_scatter", "input");
+  check_device(input, "reduce_scatter", "input");
+  check_tensor(*this, out, "reduce_scatter", "out");
+  check_device(out, "reduce_scatter", "out");
+  MOE_CHECK_T(ShapeError, input.size(0) % size() == 0,
+              "reduce_scatter: input dim 0 = " << input.size(0) << " (shape " << shape_str(input)
+                                               << ") is not divisible by the group size "
+                                               << size());
+  std::vector<int64_t> want = input.sizes().vec();
+  want[0] /= size();
+  MOE_CHECK_T(ShapeError,
+              out.sizes().vec() == want && out.scalar_type() == input.scalar_type() &&
+                  out.device() == input.device(),
+              "reduce_scatter: out is " << shape_str(out) << " " << out.scalar_type() << " on "
+                                        << out.device() << " but input " << shape_str(input)
+                                        << " " << input.scalar_type() << " on " << input.device()
+                                        << " over " << size() << " ranks needs [" << want[0]
+                                        << ", ...] of that dtype on that device");
+  const torch::Device dev = data_device();
+  // A separate result buffer: `out` may alias `input`, which peers may still read.
+  torch::Tensor staged_in = input.device() == dev ? input : input.to(dev);
+  torch::Tensor result = torch::empty(want, staged_in.options());
+  do_reduce_scatter(staged_in, result, op);
+  out.copy_(result);
 }
 
 void Communicator::broadcast(torch::Tensor& tensor, int root) {

@@ -3,12 +3,16 @@
 #include <torch/cuda.h>
 #include <torch/version.h>
 
+#include <unistd.h>
+
 #include <cerrno>
+#include <functional>
 #include <cstdlib>
 #include <sstream>
 
 #if MOE_TORCH_CUDA
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -93,6 +97,26 @@ void bind_device(const torch::Device& device) {
 #else
   MOE_THROW(ConfigError, "bind_device(" << device << "): this build's LibTorch has no CUDA");
 #endif
+}
+
+int64_t free_device_memory(const torch::Device& device) {
+  if (!device.is_cuda()) return -1;
+#if MOE_TORCH_CUDA
+  c10::cuda::CUDAGuard guard(device.index());
+  size_t free = 0, total = 0;
+  if (cudaMemGetInfo(&free, &total) == cudaSuccess) return static_cast<int64_t>(free);
+#endif
+  return -1;
+}
+
+int ranks_on_this_host(Communicator& world) {
+  if (world.backend_name() == "thread") return world.size();
+  char name[256] = {};
+  ::gethostname(name, sizeof name - 1);
+  const torch::Tensor mine =
+      torch::tensor({static_cast<int64_t>(std::hash<std::string>()(name) >> 1)});
+  const torch::Tensor all = world.all_gather(mine);
+  return static_cast<int>(all.eq(mine.item<int64_t>()).sum().item<int64_t>());
 }
 
 std::string describe_device(const torch::Device& device) {

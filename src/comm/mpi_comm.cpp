@@ -322,6 +322,32 @@ void MpiComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
   if (low_precision) tensor.copy_(work);
 }
 
+void MpiComm::do_reduce_scatter(const torch::Tensor& input, torch::Tensor& out, ReduceOp op) {
+  if (g_broken)
+    MOE_THROW(CommError, "reduce_scatter refused: an earlier collective failed on this rank");
+  const uint64_t seq = ++seq_;
+  const bool low_precision =
+      input.scalar_type() == torch::kBFloat16 || input.scalar_type() == torch::kFloat16;
+  torch::Tensor send = low_precision ? input.to(torch::kFloat32) : input;
+  torch::Tensor recv = low_precision ? torch::empty(out.sizes(), send.options()) : out;
+  MOE_CHECK_T(ShapeError, recv.numel() < (int64_t{1} << 31),
+              "reduce_scatter: " << recv.numel() << " elements per rank exceed MPI's int count");
+  MPI_Request req;
+  MPI_Op mop = op == ReduceOp::Max ? MPI_MAX : MPI_SUM;
+  int rc = MPI_Ireduce_scatter_block(send.data_ptr(), recv.data_ptr(),
+                                     static_cast<int>(recv.numel()), mpi_type(send.scalar_type()),
+                                     mop, as_comm_c(comm_), &req);
+  if (rc != MPI_SUCCESS) fail(std::string("reduce_scatter failed: ") + mpi_error_string(rc));
+  wait_collective(&req, "reduce_scatter", seq);
+  if (op == ReduceOp::Avg) {
+    if (recv.is_floating_point())
+      recv.div_(size_);
+    else
+      recv.copy_(recv.div(size_, "floor"));
+  }
+  if (low_precision) out.copy_(recv);
+}
+
 torch::Tensor MpiComm::do_all_gather(const torch::Tensor& tensor) {
   if (g_broken)
     MOE_THROW(CommError, "all_gather refused: an earlier collective failed on this rank");

@@ -298,6 +298,20 @@ void NcclComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
   if (op == ReduceOp::Avg && !tensor.is_floating_point()) tensor.copy_(tensor.div(size_, "floor"));
 }
 
+void NcclComm::do_reduce_scatter(const torch::Tensor& input, torch::Tensor& out, ReduceOp op) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
+  MOE_CHECK_T(CommError, !aborted_, "reduce_scatter refused: this NCCL communicator was aborted");
+  const uint64_t seq = ++seq_;
+  ncclRedOp_t nop = op == ReduceOp::Max ? ncclMax : op == ReduceOp::Avg ? ncclAvg : ncclSum;
+  if (op == ReduceOp::Avg && !input.is_floating_point()) nop = ncclSum;
+  MOE_NCCL_CALL(ncclReduceScatter(input.data_ptr(), out.data_ptr(), out.numel(),
+                                  nccl_type(input.scalar_type()), nop, nc(comm_),
+                                  current_stream(device_)),
+                "reduce_scatter");
+  wait("reduce_scatter", seq);
+  if (op == ReduceOp::Avg && !input.is_floating_point()) out.copy_(out.div(size_, "floor"));
+}
+
 torch::Tensor NcclComm::do_all_gather(const torch::Tensor& tensor) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
   MOE_CHECK_T(CommError, !aborted_, "all_gather refused: this NCCL communicator was aborted");

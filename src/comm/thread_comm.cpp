@@ -263,6 +263,52 @@ void ThreadComm::do_all_reduce(torch::Tensor& tensor, ReduceOp reduce) {
   tensor.copy_(acc);
 }
 
+void ThreadComm::do_reduce_scatter(const torch::Tensor& input, torch::Tensor& out,
+                                   ReduceOp reduce) {
+  Post post;
+  post.op = "reduce_scatter";
+  post.tensor = input;
+  post.reduce = reduce;
+  uint64_t seq = arrive(std::move(post));
+  const int n = size();
+  for (int src = 0; src < n; ++src) {
+    const Post* p = group_->slots[src].post;
+    if (!p->tensor.sizes().equals(input.sizes()) ||
+        p->tensor.scalar_type() != input.scalar_type() || p->reduce != reduce) {
+      std::ostringstream why;
+      why << "rank " << group_->world_ranks[src] << " sent shape " << shape_str(p->tensor) << " "
+          << p->tensor.scalar_type() << " (" << reduce_op_name(p->reduce) << "), rank "
+          << group_->world_ranks[rank_] << " expected " << shape_str(input) << " "
+          << input.scalar_type() << " (" << reduce_op_name(reduce) << ") (reduce_scatter #"
+          << seq << ")";
+      fail(why.str());
+    }
+  }
+  // This rank's block, reduced in rank order exactly as do_all_reduce reduces it.
+  const int64_t rows = out.size(0);
+  const bool low_precision =
+      input.scalar_type() == torch::kBFloat16 || input.scalar_type() == torch::kFloat16;
+  auto block_of = [&](int src) {
+    torch::Tensor b = group_->slots[src].post->tensor.narrow(0, rank_ * rows, rows);
+    return low_precision ? b.to(torch::kFloat32) : b;
+  };
+  torch::Tensor acc = block_of(0).clone();
+  for (int src = 1; src < n; ++src) {
+    if (reduce == ReduceOp::Max)
+      acc = torch::maximum(acc, block_of(src));
+    else
+      acc.add_(block_of(src));
+  }
+  if (reduce == ReduceOp::Avg) {
+    if (acc.is_floating_point())
+      acc.div_(n);
+    else
+      acc = acc.div(n, "floor");
+  }
+  depart(seq, "reduce_scatter");
+  out.copy_(acc);
+}
+
 torch::Tensor ThreadComm::do_all_gather(const torch::Tensor& tensor) {
   Post post;
   post.op = "all_gather";

@@ -419,6 +419,15 @@ const std::vector<Field>& schema() {
     v.push_back(enum_field("train", "dtype", &C::train, &TrainConfig::dtype,
                            "compute precision: bfloat16 keeps fp32 master weights, AdamW state, "
                            "gradient reduction and router math"));
+    v.push_back(int_field("train", "zero", &C::train, &TrainConfig::zero, 0, 1,
+                          "1 = distributed optimizer (ZeRO-1): AdamW moments sharded over the "
+                          "data-parallel ranks (experts: over their expert-DP group)"));
+    v.push_back(enum_field("train", "recompute", &C::train, &TrainConfig::recompute,
+                           "activation recomputation: moe re-runs each MoE layer (router, "
+                           "all-to-alls, experts) in backward, block whole transformer blocks"));
+    v.push_back(bool_field("train", "memory_guard", &C::train, &TrainConfig::memory_guard,
+                           "refuse to start when the per-rank memory estimate exceeds the "
+                           "memory the rank can use (false = skip the check)"));
     // data
     v.push_back(enum_field("data", "kind", &C::data, &DataConfig::kind,
                            "synthetic (learnable patterns) or byte-level text"));

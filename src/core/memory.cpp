@@ -24,4 +24,12 @@ int64_t current_rss_bytes() {
   return status_bytes("VmRSS:");
 }
 
+int64_t available_memory_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("MemAvailable:", 0) == 0) return std::stoll(line.substr(13)) * 1024;  // kB
+  return 0;
+}
+
 }  // namespace moe

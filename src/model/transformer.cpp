@@ -5,6 +5,7 @@
 #include "moe/core/error.h"
 #include "moe/core/hash.h"
 #include "moe/core/random.h"
+#include "moe/core/recompute.h"
 #include "moe/core/torch_version.h"
 
 namespace moe {
@@ -114,46 +115,131 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
   return torch::matmul(att, v);
 }
 
+namespace {
+
+// What one block needs besides its input: shapes, rotary tables, settings.
+struct BlockArgs {
+  int64_t B, S, D, H;
+  torch::Tensor cos, sin;
+  c10::ScalarType dtype;
+  double norm_eps;
+  AttentionImpl attention;
+  bool training;
+  uint64_t noise_seed;
+  bool recompute_moe;
+};
+
+// An MoE layer's forward as tensors [y, aux_loss, z_loss] (what recompute carries).
+std::vector<torch::Tensor> moe_forward(MoELayer& moe, const torch::Tensor& x, bool training,
+                                       uint64_t noise_seed, LayerStats* stats) {
+  MoEOutput mo = moe.forward(x, training, noise_seed);
+  if (stats) *stats = mo.stats;
+  return {mo.y, mo.aux_loss, mo.z_loss};
+}
+
+// One pre-norm block: [x_out, aux_loss, z_loss] (zeros for a dense block).
+// `stats` receives the MoE layer's statistics (the first run's, when recomputed).
+std::vector<torch::Tensor> block_forward(Block& b, const torch::Tensor& x, const BlockArgs& a,
+                                         LayerStats* stats) {
+  const int64_t B = a.B, S = a.S, D = a.D, H = a.H, hd = D / H;
+  const auto dt = a.dtype;
+  torch::Tensor h = rms_norm(x, cast_to(b.norm1, dt), a.norm_eps);
+  torch::Tensor qkv =
+      torch::matmul(h, cast_to(b.wqkv, dt)).view({B, S, 3, H, hd}).permute({2, 0, 3, 1, 4});
+  torch::Tensor q = apply_rope(qkv[0], a.cos, a.sin), k = apply_rope(qkv[1], a.cos, a.sin),
+                v = qkv[2];
+  torch::Tensor att = causal_attention(q, k, v, a.attention).transpose(1, 2).reshape({B, S, D});
+  torch::Tensor x1 = x + torch::matmul(att, cast_to(b.wo, dt));
+  torch::Tensor h2 = rms_norm(x1, cast_to(b.norm2, dt), a.norm_eps).view({B * S, D});
+  if (!b.moe) {
+    torch::Tensor zero = torch::zeros({}, b.norm1.options());
+    return {x1 + b.mlp->forward(h2).view({B, S, D}), zero, zero};
+  }
+  std::vector<torch::Tensor> mo;
+  if (a.recompute_moe) {
+    // Only h2 is kept; the layer (router, all-to-alls, experts) runs again in backward.
+    std::shared_ptr<MoELayer> layer = b.moe;
+    const bool training = a.training;
+    const uint64_t seed = a.noise_seed;
+    auto first = std::make_shared<bool>(true);
+    LayerStats* out = stats;
+    mo = recompute(
+        [layer, training, seed, first, out](const std::vector<torch::Tensor>& in) {
+          auto r = moe_forward(*layer, in[0], training, seed, *first ? out : nullptr);
+          *first = false;
+          return r;
+        },
+        {h2});
+  } else {
+    mo = moe_forward(*b.moe, h2, a.training, a.noise_seed, stats);
+  }
+  return {x1 + mo[0].view({B, S, D}), mo[1], mo[2]};
+}
+
+}  // namespace
+
 LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed) {
   const auto& m = cfg_.model;
   MOE_CHECK_T(ShapeError, tokens.dim() == 2 && tokens.scalar_type() == torch::kInt64,
               "model input must be [batch, seq] int64 tokens, got " << comm::shape_str(tokens)
                                                                     << " " << tokens.scalar_type());
-  const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model, H = m.heads, hd = D / H;
+  const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model;
   MOE_CHECK_T(ShapeError, S <= m.seq_len,
               "sequence length " << S << " exceeds model.seq_len = " << m.seq_len);
   const auto dt = compute_dtype_;
   const torch::Tensor tok = tokens.to(embedding_.device());
   torch::Tensor x = cast_to(embedding_, dt).index_select(0, tok.reshape({-1})).view({B, S, D});
-  torch::Tensor cos = rope_cos_.narrow(0, 0, S).to(dt), sin = rope_sin_.narrow(0, 0, S).to(dt);
+  // Recomputation only pays when a graph is being recorded for backward.
+  const bool recording = training && torch::GradMode::is_enabled();
+  BlockArgs args{B,
+                 S,
+                 D,
+                 m.heads,
+                 rope_cos_.narrow(0, 0, S).to(dt),
+                 rope_sin_.narrow(0, 0, S).to(dt),
+                 dt,
+                 m.norm_eps,
+                 m.attention,
+                 training,
+                 0,
+                 recording && recompute_ == Recompute::Moe};
   LMOutput out;
   out.aux_loss = torch::zeros({}, embedding_.options());
   out.z_loss = torch::zeros({}, embedding_.options());
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    Block& b = *blocks_[i];
-    torch::Tensor h = rms_norm(x, cast_to(b.norm1, dt), m.norm_eps);
-    torch::Tensor qkv =
-        torch::matmul(h, cast_to(b.wqkv, dt)).view({B, S, 3, H, hd}).permute({2, 0, 3, 1, 4});
-    torch::Tensor q = apply_rope(qkv[0], cos, sin), k = apply_rope(qkv[1], cos, sin), v = qkv[2];
-    torch::Tensor a = causal_attention(q, k, v, m.attention).transpose(1, 2).reshape({B, S, D});
-    x = x + torch::matmul(a, cast_to(b.wo, dt));
-    torch::Tensor h2 = rms_norm(x, cast_to(b.norm2, dt), m.norm_eps).view({B * S, D});
-    torch::Tensor f;
-    if (b.moe) {
-      MoEOutput mo = b.moe->forward(h2, training, noise_seed * 1000003ull + i);
-      f = mo.y;
-      out.aux_loss = out.aux_loss + mo.aux_loss;
-      out.z_loss = out.z_loss + mo.z_loss;
-      out.stats.push_back(mo.stats);
+    std::shared_ptr<Block> b = blocks_[i];
+    args.noise_seed = noise_seed * 1000003ull + i;
+    LayerStats stats;
+    std::vector<torch::Tensor> r;
+    if (recording && recompute_ == Recompute::Block) {
+      // Only the block's input is kept; attention and FFN/MoE run again in backward.
+      auto first = std::make_shared<bool>(true);
+      LayerStats* into = &stats;
+      r = recompute(
+          [b, args, first, into](const std::vector<torch::Tensor>& in) {
+            auto y = block_forward(*b, in[0], args, *first ? into : nullptr);
+            *first = false;
+            return y;
+          },
+          {x});
     } else {
-      f = b.mlp->forward(h2);
+      r = block_forward(*b, x, args, &stats);
     }
-    x = x + f.view({B, S, D});
+    x = r[0];
+    if (b->moe) {
+      out.aux_loss = out.aux_loss + r[1];
+      out.z_loss = out.z_loss + r[2];
+      out.stats.push_back(stats);
+    }
   }
   x = rms_norm(x, cast_to(final_norm_, dt), m.norm_eps);
   // Logits in float32: the loss (log-softmax over the vocabulary) wants the range.
   out.logits = torch::matmul(x, cast_to(head_.defined() ? head_ : embedding_, dt).t()).to(torch::kFloat32);
   return out;
+}
+
+void TransformerLM::set_recompute(Recompute mode) {
+  recompute_ = mode;
 }
 
 void TransformerLM::set_compute_dtype(c10::ScalarType dtype) {

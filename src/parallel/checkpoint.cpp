@@ -21,6 +21,7 @@
 #include "moe/core/hash.h"
 #include "moe/core/log.h"
 #include "moe/model/transformer.h"
+#include "moe/parallel/optimizer.h"
 #include "moe/parallel/safetensors.h"
 
 namespace moe {
@@ -64,48 +65,70 @@ std::string step_name(int64_t step) {
   return buf;
 }
 
-// The optimizer's state key of a parameter: LibTorch 1.x keys by the string
-// of the TensorImpl address (what c10::guts::to_string printed), 2.x by the
-// address itself (and has no c10::guts::to_string).
-template <class Key>
-Key state_key(const torch::Tensor& p) {
-  if constexpr (std::is_same_v<Key, std::string>) {
-    std::ostringstream os;
-    os << p.unsafeGetTensorImpl();
-    return os.str();
-  } else {
-    return static_cast<Key>(p.unsafeGetTensorImpl());
+// Moment tensors in a checkpoint: "adam.m.KEY" (a whole unit) or
+// "adam.m.KEY@OFFSET" (a piece of it, from a sharded optimizer).
+std::string piece_name(const char* which, const MomentPiece& p, bool sharded) {
+  std::string n = std::string("adam.") + which + "." + p.key;
+  return sharded ? n + "@" + std::to_string(p.offset) : n;
+}
+
+// Reassembles whole units from whole tensors or pieces (any layout wrote them).
+class MomentStore {
+ public:
+  void add(const std::string& file, std::map<std::string, torch::Tensor>& tensors) {
+    for (auto& [k, v] : tensors)
+      if (k.rfind("adam.", 0) == 0) {
+        tensors_[k] = v;
+        origin_[k] = file;
+      }
   }
-}
-using OptimStateKey = std::decay_t<decltype(std::declval<torch::optim::AdamW&>().state())>::key_type;
+  // Every unit has moments once AdamW has stepped: a missing one means a lost file.
+  bool lookup(const std::string& key, int64_t numel, torch::Tensor& m, torch::Tensor& v) const {
+    MOE_CHECK_T(CheckpointError, assemble("m", key, numel, m) && assemble("v", key, numel, v),
+                "the checkpoint has no AdamW moments for '"
+                    << key << "' (an optim.rank*.safetensors or experts.ep*.safetensors file "
+                              "is missing, or the model differs)");
+    return true;
+  }
 
-torch::optim::AdamWParamState* adam_state(torch::optim::AdamW& opt, const torch::Tensor& p) {
-  auto& states = opt.state();
-  auto it = states.find(state_key<OptimStateKey>(p));
-  return it == states.end() ? nullptr
-                            : static_cast<torch::optim::AdamWParamState*>(it->second.get());
-}
-
-void set_adam_state(torch::optim::AdamW& opt, const torch::Tensor& p, int64_t step,
-                    const torch::Tensor& m, const torch::Tensor& v) {
-  auto st = std::make_unique<torch::optim::AdamWParamState>();
-  st->step(step);
-  // On the parameter's device (checkpoints are read on the CPU).
-  st->exp_avg(m.to(p.device(), p.scalar_type()).clone());
-  st->exp_avg_sq(v.to(p.device(), p.scalar_type()).clone());
-  opt.state()[state_key<OptimStateKey>(p)] = std::move(st);
-}
-
-// "layers.1.moe.w1" -> ("layers.1.moe", "w1")
-std::pair<std::string, std::string> split_expert_name(const std::string& name) {
-  auto dot = name.rfind('.');
-  return {name.substr(0, dot), name.substr(dot + 1)};
-}
-
-std::string expert_key(const std::string& name, int64_t e) {
-  auto [prefix, suffix] = split_expert_name(name);
-  return prefix + ".experts." + std::to_string(e) + "." + suffix;
-}
+ private:
+  bool assemble(const char* which, const std::string& key, int64_t numel, torch::Tensor& out) const {
+    const std::string whole = std::string("adam.") + which + "." + key;
+    if (auto it = tensors_.find(whole); it != tensors_.end()) {
+      MOE_CHECK_T(CheckpointError, it->second.numel() == numel,
+                  origin_.at(whole) << ": '" << whole << "' has " << it->second.numel()
+                                    << " elements, the model's unit has " << numel);
+      out = it->second.reshape({-1});
+      return true;
+    }
+    std::vector<std::pair<int64_t, torch::Tensor>> pieces;
+    const std::string prefix = whole + "@";
+    for (auto it = tensors_.lower_bound(prefix);
+         it != tensors_.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it)
+      pieces.emplace_back(std::stoll(it->first.substr(prefix.size())), it->second.reshape({-1}));
+    if (pieces.empty()) return false;
+    std::sort(pieces.begin(), pieces.end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<torch::Tensor> parts;
+    int64_t next = 0;
+    for (auto& [off, t] : pieces) {
+      MOE_CHECK_T(CheckpointError, off == next,
+                  "the checkpoint's pieces of '" << whole << "' do not tile it: a piece starts at "
+                                                 << off << ", expected " << next
+                                                 << " (an optim.rank*.safetensors file is missing?)");
+      parts.push_back(t);
+      next += t.numel();
+    }
+    MOE_CHECK_T(CheckpointError, next == numel,
+                "the checkpoint's pieces of '" << whole << "' cover " << next
+                                               << " elements, the model's unit has " << numel
+                                               << " (an optim.rank*.safetensors file is missing?)");
+    out = torch::cat(parts);
+    return true;
+  }
+  std::map<std::string, torch::Tensor> tensors_;
+  std::map<std::string, std::string> origin_;
+};
 
 }  // namespace
 
@@ -126,7 +149,7 @@ uint64_t file_checksum(const std::string& path) {
 }
 
 void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& model,
-                     torch::optim::AdamW& optimizer, comm::ProcessMesh& mesh, const Config& cfg) {
+                     const Optimizer& optimizer, comm::ProcessMesh& mesh, const Config& cfg) {
   comm::Communicator& world = mesh.world();
   const std::string root = run_dir + "/checkpoints";
   const std::string final_dir = root + "/" + step_name(step), tmp_dir = final_dir + ".tmp";
@@ -136,40 +159,35 @@ void save_checkpoint(const std::string& run_dir, int64_t step, TransformerLM& mo
     mkdir_p(tmp_dir);
   }
   world.barrier();
-  int64_t adam_step = 0;
+  const int64_t adam_step = optimizer.adam_step();
+  const bool sharded = optimizer.sharded();
+  std::map<std::string, torch::Tensor> shared_moments, expert_moments, my_moments;
+  for (const MomentPiece& p : optimizer.moments_to_save()) {
+    const bool expert = p.key.find(".experts.") != std::string::npos;
+    auto& into = sharded ? my_moments : expert ? expert_moments : shared_moments;
+    into[piece_name("m", p, sharded)] = p.m;
+    into[piece_name("v", p, sharded)] = p.v;
+  }
   if (world.rank() == 0) {
-    std::map<std::string, torch::Tensor> t;
-    for (auto& [name, p] : model.shared_parameters()) {
-      t["param." + name] = p.detach();
-      if (auto* s = adam_state(optimizer, p)) {
-        t["adam.m." + name] = s->exp_avg();
-        t["adam.v." + name] = s->exp_avg_sq();
-        adam_step = s->step();
-      }
-    }
+    std::map<std::string, torch::Tensor> t = shared_moments;
+    for (auto& [name, p] : model.shared_parameters()) t["param." + name] = p.detach();
     for (const auto& b : model.named_buffers()) t["buffer." + b.key()] = b.value();
     write_safetensors(tmp_dir + "/shared.safetensors", t,
                       {{"step", std::to_string(step)}, {"adam_step", std::to_string(adam_step)}});
   }
   if (mesh.dp_rank() == 0) {
-    std::map<std::string, torch::Tensor> t;
-    const auto& layers = model.moe_layers();
-    const int64_t first = layers.empty() ? 0 : layers[0]->first_expert();
-    for (auto& [name, p] : model.expert_parameters()) {
-      auto* s = adam_state(optimizer, p);
-      for (int64_t le = 0; le < p.size(0); ++le) {
-        const std::string key = expert_key(name, first + le);
-        t["param." + key] = p[le].detach();
-        if (s) {
-          t["adam.m." + key] = s->exp_avg()[le];
-          t["adam.v." + key] = s->exp_avg_sq()[le];
-        }
-      }
-    }
+    std::map<std::string, torch::Tensor> t = expert_moments;
+    const int64_t first = model.moe_layers().empty() ? 0 : model.moe_layers()[0]->first_expert();
+    for (auto& [name, p] : model.expert_parameters())
+      for (int64_t le = 0; le < p.size(0); ++le)
+        t["param." + expert_unit_key(name, first + le)] = p[le].detach();
     if (!t.empty())
       write_safetensors(tmp_dir + "/experts.ep" + std::to_string(mesh.ep_rank()) + ".safetensors",
                         t, {{"step", std::to_string(step)}});
   }
+  if (!my_moments.empty())
+    write_safetensors(tmp_dir + "/optim.rank" + std::to_string(world.rank()) + ".safetensors",
+                      my_moments, {{"step", std::to_string(step)}});
   world.barrier();
   // Every rank decides alike: rank 0 counts down, the barrier orders it before the others read.
   int crash = 0;
@@ -264,9 +282,8 @@ std::string find_checkpoint(const std::string& run_dir, std::string* problems) {
   return "";
 }
 
-int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model,
-                        torch::optim::AdamW& optimizer, comm::ProcessMesh& mesh,
-                        const Config& cfg) {
+int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model, Optimizer* optimizer,
+                        comm::ProcessMesh& mesh, const Config& cfg) {
   std::string problems;
   const std::string dir = find_checkpoint(run_dir, &problems);
   if (dir.empty())
@@ -299,38 +316,35 @@ int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model,
                                       << comm::shape_str(like));
     return it->second;
   };
-  for (auto& [name, p] : model.shared_parameters()) {
+  MomentStore moments;
+  moments.add(shared_file, shared);
+  for (auto& [name, p] : model.shared_parameters())
     p.copy_(take(shared, shared_file, "param." + name, p));
-    if (adam_step > 0 && shared.count("adam.m." + name))
-      set_adam_state(optimizer, p, adam_step, take(shared, shared_file, "adam.m." + name, p),
-                     take(shared, shared_file, "adam.v." + name, p));
-  }
   for (auto b : model.named_buffers())
     b.value().copy_(take(shared, shared_file, "buffer." + b.key(), b.value()));
 
   std::map<std::string, torch::Tensor> experts;
-  std::map<std::string, std::string> origin;
-  for (auto it = m["files"].begin(); it != m["files"].end(); ++it)
-    if (it.key().rfind("experts.", 0) == 0)
-      for (auto& [k, v] : read_safetensors(dir + "/" + it.key())) {
-        experts[k] = v;
-        origin[k] = dir + "/" + it.key();
-      }
+  for (auto it = m["files"].begin(); it != m["files"].end(); ++it) {
+    const std::string file = dir + "/" + it.key();
+    if (it.key().rfind("experts.", 0) == 0) {
+      auto t = read_safetensors(file);
+      moments.add(file, t);
+      for (auto& [k, v] : t) experts[k] = v;
+    } else if (it.key().rfind("optim.", 0) == 0 && optimizer && adam_step > 0) {
+      auto t = read_safetensors(file);
+      moments.add(file, t);
+    }
+  }
   const std::string experts_desc = dir + "/experts.ep*.safetensors";
   const int64_t first = model.moe_layers().empty() ? 0 : model.moe_layers()[0]->first_expert();
-  for (auto& [name, p] : model.expert_parameters()) {
-    std::vector<torch::Tensor> ms, vs;
-    for (int64_t le = 0; le < p.size(0); ++le) {
-      const std::string key = expert_key(name, first + le);
-      p[le].copy_(take(experts, experts_desc, "param." + key, p[le]));
-      if (adam_step > 0 && experts.count("adam.m." + key)) {
-        ms.push_back(take(experts, experts_desc, "adam.m." + key, p[le]));
-        vs.push_back(take(experts, experts_desc, "adam.v." + key, p[le]));
-      }
-    }
-    if (static_cast<int64_t>(ms.size()) == p.size(0))
-      set_adam_state(optimizer, p, adam_step, torch::stack(ms), torch::stack(vs));
-  }
+  for (auto& [name, p] : model.expert_parameters())
+    for (int64_t le = 0; le < p.size(0); ++le)
+      p[le].copy_(take(experts, experts_desc, "param." + expert_unit_key(name, first + le), p[le]));
+  if (optimizer && adam_step > 0)
+    optimizer->load_moments(adam_step, [&](const std::string& key, int64_t numel, torch::Tensor& mo,
+                                           torch::Tensor& vo) {
+      return moments.lookup(key, numel, mo, vo);
+    });
   if (mesh.world().rank() == 0) {
     MOE_LOG(Info) << "resumed from " << dir << " (step " << m["step"].get<int64_t>() << ")";
   }

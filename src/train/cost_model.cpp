@@ -120,6 +120,56 @@ ParamCount param_count(const Shapes& s) {
 
 }  // namespace
 
+namespace {
+
+// train.recompute: the recomputed layers' forward runs again in backward:
+// one more product per GEMM (3 -> 4), a third more element-wise work, and
+// the forward collectives (routing statistics, counts, one of each pair of
+// row all-to-alls) once more.
+void add_recompute(StepCost& c, Recompute mode) {
+  std::vector<std::string> phases = {"router", "permute", "unpermute", "experts", "dispatch",
+                                     "combine"};
+  if (mode == Recompute::Block) phases.push_back("attention_dense");
+  for (const auto& name : phases) {
+    PhaseCost& ph = c.phase(name);
+    // The LM head (the last product of attention_dense) is not inside a block.
+    const size_t gemms = name == "attention_dense" ? ph.gemms.size() - 1 : ph.gemms.size();
+    for (size_t i = 0; i < gemms; ++i) ph.gemms[i].passes = 4;
+    ph.memory_bytes += ph.memory_bytes / 3;
+    ph.transcendentals += ph.transcendentals / 3;
+    ph.ops += ph.ops / 3;
+    // As step_cost builds them: the router's statistics all-reduce and the
+    // dispatch counts (dispatch's first) are forward only; the row
+    // all-to-alls come in forward/backward pairs.
+    for (size_t i = 0; i < ph.collectives.size(); ++i) {
+      CollectiveCost& col = ph.collectives[i];
+      const bool forward_only = name == "router" || (name == "dispatch" && i == 0);
+      col.repeat += forward_only ? col.repeat : col.repeat / 2;
+    }
+  }
+}
+
+// train.zero 1: gradients reduce-scattered into each rank's shard, parameters
+// all-gathered after the update (the same bytes as an all-reduce, in two
+// halves), the squared norm summed once over the world.
+void add_sharded_optimizer(StepCost& c, const Shapes& s, const ParamCount& pc) {
+  PhaseCost& sync = c.phase("grad_sync");
+  PhaseCost& opt = c.phase("optimizer");
+  if (s.world > 1) {
+    const int64_t padded = (pc.shared + s.world - 1) / s.world * s.world * 4;
+    sync.collectives.push_back({"reduce_scatter", s.world, padded, 0, 1});
+    opt.collectives.push_back({"all_gather", s.world, padded, 0, 1});
+    sync.collectives.push_back({"all_reduce", s.world, 8, 0, 1});  // squared norm
+  }
+  if (s.dp > 1 && pc.expert > 0) {
+    const int64_t padded = (pc.expert + s.dp - 1) / s.dp * s.dp * 4;
+    sync.collectives.push_back({"reduce_scatter", s.dp, padded, 0, 1});
+    opt.collectives.push_back({"all_gather", s.dp, padded, 0, 1});
+  }
+}
+
+}  // namespace
+
 StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
   MOE_CHECK_T(ConfigError, routing.drop_frac >= 0 && routing.drop_frac <= 1,
               "cost model: drop fraction " << routing.drop_frac << " is outside [0, 1]");
@@ -238,18 +288,22 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
     }
   }
 
+  if (cfg.train.recompute != Recompute::None) add_recompute(c, cfg.train.recompute);
+
   // ---- gradient sync: replicated parameters over the world, experts over
   // their expert-DP group, in buckets; then the global norm for clipping.
   const ParamCount pc = param_count(s);
   PhaseCost& sync = c.phase("grad_sync");
   const int64_t bucket = std::max<int64_t>(1, int64_t(cfg.parallel.grad_bucket_mb * 1048576.0));
-  if (s.world > 1) {
+  if (cfg.train.zero == 1) {
+    add_sharded_optimizer(c, s, pc);
+  } else if (s.world > 1) {
     const int64_t bytes = pc.shared * 4;
     sync.collectives.push_back({"all_reduce", s.world, bucket, 0, bytes / bucket});
     if (bytes % bucket) sync.collectives.push_back({"all_reduce", s.world, bytes % bucket, 0, 1});
     sync.collectives.push_back({"all_reduce", s.world, 8, 0, 1});  // squared norm
   }
-  if (s.dp > 1 && pc.expert > 0) {
+  if (cfg.train.zero == 0 && s.dp > 1 && pc.expert > 0) {
     const int64_t bytes = pc.expert * 4;
     sync.collectives.push_back({"all_reduce", s.dp, bucket, 0, bytes / bucket});
     if (bytes % bucket) sync.collectives.push_back({"all_reduce", s.dp, bytes % bucket, 0, 1});
@@ -266,6 +320,13 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
   opt.working_set_bytes = 4 * 4 * (pc.shared + pc.expert);  // parameters, gradients, 2 moments
   opt.ops = 13 * pc.tensors;
 
+  if (cfg.train.zero == 1) {
+    // Each rank updates only its shards: replicated over the world, experts over expert-DP.
+    const int64_t shard = (pc.shared + s.world - 1) / s.world + (pc.expert + s.dp - 1) / s.dp;
+    opt.memory_bytes = 17 * 4 * shard;
+    opt.working_set_bytes = 4 * 4 * shard;
+  }
+
   // Model FLOPs per token for MFU: forward matrix products of the active
   // parameters (head included, embedding lookup excluded) and attention, x3.
   const double active = double(s.L * 4 * s.D * s.D + s.dense_layers * 3 * s.D * s.dense_width +
@@ -278,30 +339,54 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
 MemoryEstimate estimate_memory(const Config& cfg, int world) {
   const Shapes s = shapes_of(cfg, world);
   const ParamCount pc = param_count(s);
+  const auto& t = cfg.train;
   MemoryEstimate m;
+  // fp32 master parameters and gradients (train.zero 1 keeps them in flat
+  // buffers padded to the group size: at most one element per rank more).
   m.params = 4 * (pc.shared + pc.expert);
   m.grads = m.params;
-  m.optimizer = 2 * m.params;  // AdamW: first and second moments
-  // Tensors autograd keeps for backward, one micro-batch (fp32), counted from
-  // the code: per block the residual, two norm outputs each, qkv, rotated q
-  // and k, a contiguous k^T, the attention output (~11 [T, D]) and the
-  // softmax output; a dense MLP's 4 [T, F]; an MoE layer's router tensors,
-  // received rows, expert hidden pair and combined rows; the head's normed
-  // input, logits and log-probabilities. The peak comes early in backward,
-  // when the top block's gradients (scores: ~3, [T, D]: ~4, logits: ~2) are
-  // alive too.
+  // AdamW's two moments: of everything (zero 0) or of this rank's shards:
+  // replicated parameters over the world, experts over their expert-DP group.
+  const int64_t shared_shard = t.zero == 1 ? (pc.shared + s.world - 1) / s.world : pc.shared;
+  const int64_t expert_shard = t.zero == 1 ? (pc.expert + s.dp - 1) / s.dp : pc.expert;
+  m.optimizer = 8 * (shared_shard + expert_shard);
+  // Tensors autograd keeps for backward, one micro-batch, counted from the
+  // code: per block the residual, two norm outputs each, qkv, rotated q and
+  // k, a contiguous k^T, the attention output (~11 [T, D]) and the softmax
+  // output; a dense MLP's 4 [T, F]; an MoE layer's router tensors, received
+  // rows, expert hidden pair and combined rows; the head's normed input,
+  // logits and log-probabilities. The peak comes early in backward, when the
+  // top block's gradients (scores: ~3, [T, D]: ~4, logits: ~2) are alive too.
   const int64_t TD = s.T * s.D, scores = s.B * s.heads * s.S * s.S;
   const bool dropless = cfg.moe.capacity_factor <= 0;
   const int64_t C = dropless ? 0
                              : expert_capacity(s.T, s.k, s.E, cfg.moe.capacity_factor,
                                                cfg.moe.min_capacity);
   const int64_t recv_rows = dropless || s.ep == 1 ? s.T * s.k : s.E * C;
-  int64_t elems = s.L * (11 * TD + scores) + s.dense_layers * 4 * s.T * s.dense_width;
-  elems += s.moe_layers * (TD + 6 * s.T * s.E + 3 * recv_rows * s.D + 2 * recv_rows * s.H +
-                           (s.shared_H > 0 ? TD + 3 * s.T * s.shared_H : 0));
-  elems += 2 * TD + 2 * s.T * s.V;
-  elems += 3 * scores + 4 * TD + 2 * s.T * s.V;  // backward transients
-  m.activations = 4 * elems;
+  const int64_t attention = 11 * TD + scores;
+  const int64_t dense = 4 * s.T * s.dense_width;
+  const int64_t moe = TD + 6 * s.T * s.E + 3 * recv_rows * s.D + 2 * recv_rows * s.H +
+                      (s.shared_H > 0 ? TD + 3 * s.T * s.shared_H : 0);
+  const int64_t widest_ffn = std::max(s.moe_layers > 0 ? moe : 0, s.dense_layers > 0 ? dense : 0);
+  // Recomputation keeps a layer's input instead of its activations, and
+  // rebuilds one layer's (the widest) at a time in backward.
+  int64_t elems = 0;
+  if (t.recompute == Recompute::Block)
+    elems = s.L * TD + attention + widest_ffn;
+  else if (t.recompute == Recompute::Moe)
+    elems = s.L * attention + s.dense_layers * dense + s.moe_layers * TD +
+            (s.moe_layers > 0 ? moe : 0);
+  else
+    elems = s.L * attention + s.dense_layers * dense + s.moe_layers * moe;
+  elems += 2 * TD + 3 * scores + 4 * TD;  // head input; backward transients
+  const int64_t vocab_elems = 4 * s.T * s.V;  // logits, log-probabilities and their gradients
+  if (t.dtype == DType::BFloat16) {
+    // bf16 activations (the logits stay fp32), plus the bf16 weight copies
+    // each matrix product keeps for backward.
+    m.activations = 2 * elems + 4 * vocab_elems + 2 * (pc.shared + pc.expert);
+  } else {
+    m.activations = 4 * (elems + vocab_elems);
+  }
   return m;
 }
 
@@ -485,12 +570,18 @@ StepPrediction predict_step(const StepCost& cost, const HardwareProfile& hw) {
       const double off = double(c.off_rank_bytes) * msg_scale;
       bytes_inter = off * inter_peers;
       bytes_intra = off - bytes_inter;
-    } else {  // ring all-reduce: 2 (n-1)/n of the buffer in and out of every rank
-      const double moved = 2.0 * double(c.group - 1) / double(c.group) * double(c.bytes);
+    } else {
+      // Ring all-reduce: 2 (n-1)/n of the buffer in and out of every rank;
+      // reduce-scatter and all-gather are its two halves.
+      const double halves = c.kind == "all_reduce" ? 2.0 : 1.0;
+      const double moved = halves * double(c.group - 1) / double(c.group) * double(c.bytes);
       (spans_nodes ? bytes_inter : bytes_intra) = moved;
     }
     const LinkProfile& slow = spans_nodes ? hw.inter_node : hw.intra_node;
-    const double steps = c.kind == "all_reduce" ? 2.0 * std::ceil(std::log2(double(c.group))) : 1.0;
+    const double log_steps = std::ceil(std::log2(double(c.group)));
+    const double steps = c.kind == "all_reduce"                                  ? 2.0 * log_steps
+                         : c.kind == "reduce_scatter" || c.kind == "all_gather" ? log_steps
+                                                                                 : 1.0;
     return steps * slow.latency_us * 1e-6 +
            std::max(bytes_intra / (hw.intra_node.gbps * 1e9),
                     bytes_inter / (hw.inter_node.gbps * 1e9));

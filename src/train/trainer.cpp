@@ -2,7 +2,6 @@
 
 #include <sys/stat.h>
 #include <torch/nn/functional/loss.h>
-#include <torch/optim/adamw.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,7 +21,7 @@
 #include "moe/core/timer.h"
 #include "moe/model/transformer.h"
 #include "moe/parallel/checkpoint.h"
-#include "moe/parallel/grad_sync.h"
+#include "moe/parallel/optimizer.h"
 #include "moe/train/cost_model.h"
 #include "moe/train/data.h"
 
@@ -47,6 +46,63 @@ std::string fmt_eta(double s) {
   return buf;
 }
 
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / double(1 << 30));
+  return buf;
+}
+
+// The memory guard: refuses, on every rank alike, a config whose per-rank
+// estimate exceeds what a rank can use (the host's MemAvailable shared by its
+// ranks, or the GPU's free memory shared by the ranks on it), before the
+// model is allocated, naming the knobs that would make it fit.
+void check_memory_fits(comm::Communicator& world, const Config& cfg, const torch::Device& device,
+                       const MemoryEstimate& need) {
+  const int here = comm::ranks_on_this_host(world);  // collective: before any early return
+  int64_t limit = 0;
+  int sharing = here;
+  if (device.is_cuda()) {
+    sharing = std::max(1, (here + comm::cuda_device_count() - 1) / std::max(1, comm::cuda_device_count()));
+    limit = comm::free_device_memory(device);
+  } else {
+    limit = available_memory_bytes();
+  }
+  // Every rank decides with the tightest rank's figures: -max(-x) = min(x).
+  torch::Tensor per_rank = torch::tensor({limit > 0 ? -double(limit) / sharing : 0.0}, torch::kFloat64);
+  world.all_reduce(per_rank, comm::ReduceOp::Max);
+  const double can_use = -per_rank.item<double>();
+  if (can_use <= 0 || double(need.total()) <= can_use) return;
+  const int W = world.size();
+  std::ostringstream options;
+  auto option = [&](const std::string& what, const std::vector<std::string>& overrides) {
+    double est = 0;
+    try {
+      est = double(estimate_memory(load_config_text(dump_config(cfg), "memory guard", overrides), W)
+                       .total());
+    } catch (const ConfigError&) {
+      return;  // not a valid layout for this config
+    }
+    options << "\n  " << what << ": ~" << gib(est) << (est <= can_use ? " (fits)" : "");
+  };
+  const ParallelLayout layout = resolve_layout(cfg, W);
+  if (cfg.train.zero == 0 && W > 1) option("train.zero=1", {"train.zero=1"});
+  if (cfg.train.recompute != Recompute::Block) option("train.recompute=block", {"train.recompute=block"});
+  if (cfg.train.zero == 0 && W > 1 && cfg.train.recompute != Recompute::Block)
+    option("train.zero=1 train.recompute=block", {"train.zero=1", "train.recompute=block"});
+  if (layout.ep < W && cfg.moe.experts % W == 0)
+    option("parallel.ep=" + std::to_string(W) + " parallel.dp=1",
+           {"parallel.ep=" + std::to_string(W), "parallel.dp=1"});
+  if (cfg.train.batch > 1)
+    option("train.batch=" + std::to_string(cfg.train.batch / 2),
+           {"train.batch=" + std::to_string(cfg.train.batch / 2)});
+  MOE_THROW(ConfigError,
+            "memory guard: this config needs ~" << gib(double(need.total())) << " per rank ("
+                << describe_memory(need) << ") but a rank can use " << gib(can_use) << " ("
+                << (device.is_cuda() ? "free GPU memory" : "MemAvailable") << " shared by "
+                << sharing << " rank(s)). Estimates with other settings:" << options.str()
+                << "\nor set train.memory_guard=false to start anyway");
+}
+
 }  // namespace
 
 TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptions& opts) {
@@ -61,28 +117,20 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   const torch::Device device =
       comm::select_device(cfg.parallel.device, comm::node_local_rank(world));
   comm::bind_device(device);
+  const MemoryEstimate memory = estimate_memory(cfg, W);
+  if (t.memory_guard) check_memory_fits(world, cfg, device, memory);
   TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(t.seed));
   model.to_device(device);  // before the optimizer exists: it keeps parameter references
   model.set_compute_dtype(t.dtype == DType::BFloat16 ? torch::kBFloat16 : torch::kFloat32);
+  model.set_recompute(t.recompute);
   auto data = make_data_source(cfg, world.rank(), W);
-  GradSync sync(model, mesh, cfg.parallel.grad_bucket_mb);
-
-  std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& p : model.parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(
-      decay,
-      std::make_unique<torch::optim::AdamWOptions>(
-          torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(t.weight_decay)));
-  groups.emplace_back(
-      no_decay, std::make_unique<torch::optim::AdamWOptions>(
-                    torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(0.0)));
-  torch::optim::AdamW optimizer(std::move(groups));
+  // After to_device: with train.zero 1 the parameters move into the optimizer's flat buffers.
+  std::unique_ptr<Optimizer> optimizer = make_optimizer(model, mesh, t, cfg.parallel.grad_bucket_mb);
 
   TrainResult result;
   int64_t start_step = 0;
   if (!opts.resume_dir.empty()) {
-    start_step = load_checkpoint(opts.resume_dir, model, optimizer, mesh, cfg);
+    start_step = load_checkpoint(opts.resume_dir, model, optimizer.get(), mesh, cfg);
     result.first_step = start_step;
   }
 
@@ -96,7 +144,6 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   }
   // Memory per rank from shapes; checked against this process's peak RSS at the end
   // (thread ranks share the process, so the check compares ranks x estimate).
-  const MemoryEstimate memory = estimate_memory(cfg, W);
   const ModelCounts counts = model.counts();
   const int64_t tokens_per_step = W * t.batch * t.grad_accum * cfg.model.seq_len;
   if (lead && !opts.quiet) {
@@ -134,9 +181,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   for (int64_t step = start_step; step < t.steps; ++step) {
     Stopwatch step_clock;
     const double lr = learning_rate(t, step);
-    for (auto& g : optimizer.param_groups())
-      static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
-    optimizer.zero_grad();
+    optimizer->zero_grad();
     double lm_sum = 0, aux_sum = 0, z_sum = 0, drop_sum = 0;
     std::vector<std::vector<int64_t>> loads;
     for (auto& layer : model.moe_layers()) layer->times().reset();
@@ -162,10 +207,10 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     }
     const double forward_backward_s = phase_clock.seconds();
     phase_clock.reset();
-    const double grad_norm = sync.synchronize_and_clip(t.clip);
+    const double grad_norm = optimizer->synchronize_and_clip(t.clip);
     const double grad_sync_s = phase_clock.seconds();
     phase_clock.reset();
-    optimizer.step();
+    optimizer->step(lr);
     const double optimizer_s = phase_clock.seconds();
     // Step-time breakdown (ms): the MoE phases summed over layers (forward +
     // backward), the rest of forward+backward (attention, dense blocks,
@@ -256,7 +301,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     }
     const bool last = step + 1 == t.steps;
     if (!opts.out_dir.empty() && ((t.ckpt_every > 0 && (step + 1) % t.ckpt_every == 0) || last))
-      save_checkpoint(opts.out_dir, step + 1, model, optimizer, mesh, cfg);
+      save_checkpoint(opts.out_dir, step + 1, model, *optimizer, mesh, cfg);
   }
   result.tokens_per_s = run_tokens / std::max(1e-9, run_clock.seconds());
   if (!step_times.empty()) {
@@ -281,6 +326,9 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     nlohmann::json mem = {{"params_bytes", memory.params},
                           {"grads_bytes", memory.grads},
                           {"optimizer_bytes", memory.optimizer},
+                          {"optimizer_state_bytes_rank0", optimizer->state_bytes()},
+                          {"zero", t.zero},
+                          {"recompute", enum_name(t.recompute)},
                           {"activations_bytes", memory.activations},
                           {"total_bytes", memory.total()},
                           {"ranks_in_process", ranks_here},

@@ -54,7 +54,16 @@ class Communicator {
   // In place over all ranks. Results are bitwise identical on every rank.
   void all_reduce(torch::Tensor& tensor, ReduceOp op = ReduceOp::Sum);
   // Concatenation along dim 0 of every rank's tensor (same shape on all ranks).
-  torch::Tensor all_gather(const torch::Tensor& tensor);
+  // `out`, when given ([size*n, ...], contiguous, tensor's dtype and device),
+  // receives it and is returned; `tensor` may be a view into `out` (the
+  // distributed optimizer gathers each rank's shard into the flat buffer).
+  torch::Tensor all_gather(const torch::Tensor& tensor, torch::Tensor out = {});
+  // input [size*n, ...] on every rank: block r (rows r*n .. r*n+n) reduced
+  // over all ranks lands in rank r's `out` [n, ...]. Each block is reduced
+  // with the arithmetic all_reduce uses for it. `out` may be a view into
+  // `input` (its own block).
+  void reduce_scatter(const torch::Tensor& input, torch::Tensor& out,
+                      ReduceOp op = ReduceOp::Sum);
   // In place: root's tensor is copied to every rank.
   void broadcast(torch::Tensor& tensor, int root);
   void barrier();
@@ -75,6 +84,8 @@ class Communicator {
                                    const std::vector<int64_t>& recv_rows);
   virtual void do_all_reduce(torch::Tensor& tensor, ReduceOp op) = 0;
   virtual torch::Tensor do_all_gather(const torch::Tensor& tensor) = 0;
+  // `out` is [n, ...] with input's dtype on data_device(), checked by the caller.
+  virtual void do_reduce_scatter(const torch::Tensor& input, torch::Tensor& out, ReduceOp op) = 0;
   virtual void do_broadcast(torch::Tensor& tensor, int root) = 0;
   virtual void do_barrier() = 0;
   virtual std::unique_ptr<Communicator> do_split(int color, int key) = 0;

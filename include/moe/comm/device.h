@@ -48,6 +48,13 @@ torch::Device select_device(DeviceKind requested, int local_rank);
 // calls it once); nothing for the CPU.
 void bind_device(const torch::Device& device);
 
+// Free memory of a CUDA device in bytes (cudaMemGetInfo); -1 for the CPU.
+int64_t free_device_memory(const torch::Device& device);
+
+// How many ranks of `world` run on the calling rank's host (same hostname;
+// every thread rank of this process). Collective over `world`.
+int ranks_on_this_host(Communicator& world);
+
 // One line for the log: "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3, 79 GiB)".
 std::string describe_device(const torch::Device& device);
 

@@ -40,6 +40,7 @@ class NcclComm : public Communicator {
                        const char* op) override;
   void do_all_reduce(torch::Tensor& tensor, ReduceOp op) override;
   torch::Tensor do_all_gather(const torch::Tensor& tensor) override;
+  void do_reduce_scatter(const torch::Tensor& input, torch::Tensor& out, ReduceOp op) override;
   void do_broadcast(torch::Tensor& tensor, int root) override;
   void do_barrier() override;
   std::unique_ptr<Communicator> do_split(int color, int key) override;

@@ -27,6 +27,7 @@ enum class DType { Float32, BFloat16 };
 enum class DataKind { Synthetic, Text };
 enum class Launcher { Thread, Mpirun };
 enum class AttentionImpl { Auto, Sdpa, Explicit };
+enum class Recompute { None, Moe, Block };
 
 template <typename E>
 struct EnumNames;
@@ -46,6 +47,7 @@ MOE_ENUM_NAMES(DType, "float32", "bfloat16")
 MOE_ENUM_NAMES(DataKind, "synthetic", "text")
 MOE_ENUM_NAMES(Launcher, "thread", "mpirun")
 MOE_ENUM_NAMES(AttentionImpl, "auto", "sdpa", "explicit")
+MOE_ENUM_NAMES(Recompute, "none", "moe", "block")
 #undef MOE_ENUM_NAMES
 
 template <typename E>
@@ -134,6 +136,9 @@ struct TrainConfig {
   int64_t log_every = 10;
   int64_t ckpt_every = 0;
   DType dtype = DType::Float32;
+  int64_t zero = 0;                        // 1: AdamW state sharded over DP / expert-DP
+  Recompute recompute = Recompute::None;  // activations re-computed in backward
+  bool memory_guard = true;                // refuse configs whose estimate exceeds the rank's memory
 };
 
 struct DataConfig {

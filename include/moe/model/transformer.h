@@ -52,6 +52,8 @@ class TransformerLM : public torch::nn::Module {
   // bf16 casts of them, so gradients arrive in float32.
   void set_compute_dtype(c10::ScalarType dtype);
   c10::ScalarType compute_dtype() const { return compute_dtype_; }
+  // train.recompute: what training forwards keep for backward (see core/recompute.h).
+  void set_recompute(Recompute mode);
   // Moves parameters, buffers and the rotary tables.
   void to_device(const torch::Device& device);
 
@@ -68,6 +70,7 @@ class TransformerLM : public torch::nn::Module {
   std::vector<std::shared_ptr<MoELayer>> moe_layers_;
   torch::Tensor rope_cos_, rope_sin_;
   c10::ScalarType compute_dtype_ = torch::kFloat32;
+  Recompute recompute_ = Recompute::None;
 };
 
 // softmax(q k^T / sqrt(hd) + causal mask) v for q, k, v [B, heads, S, hd]:

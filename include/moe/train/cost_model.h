@@ -34,12 +34,14 @@ struct GemmCost {
   int64_t m = 0, n = 0, k = 0;  // one forward product: [m, k] x [k, n] (m summed over `groups`)
   int64_t groups = 1;           // m rows split into this many separate products (experts)
   int64_t repeat = 1;           // times per step (layers x micro-batches)
-  // forward + backward (input and weight gradients): 3 x 2 m n k per repeat.
-  int64_t flops() const { return 6 * m * n * k * repeat; }
+  // Products per repeat: forward + backward (input and weight gradients) = 3;
+  // 4 when train.recompute runs the forward again in backward.
+  int64_t passes = 3;
+  int64_t flops() const { return 2 * m * n * k * repeat * passes; }
 };
 
 struct CollectiveCost {
-  std::string kind;            // "all_to_all" | "all_reduce"
+  std::string kind;            // "all_to_all" | "all_reduce" | "reduce_scatter" | "all_gather"
   int group = 1;               // ranks taking part
   int64_t bytes = 0;           // each rank's buffer (all_to_all: what it sends, own block included)
   int64_t off_rank_bytes = 0;  // all_to_all: the part sent to other ranks
