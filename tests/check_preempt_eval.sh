@@ -22,15 +22,16 @@ trap cleanup EXIT
 fail() { echo "check_preempt_eval ($mode): $*"; echo "--- last output:"; tail -30 "$dir/log"; exit 1; }
 launch() {  # launch NRANKS moe ARGS...: on NRANKS thread ranks or mpirun processes
   local n="$1"; shift
-  if [ "$mode" = mpi ]; then "${mpirun[@]}" -np "$n" "$moe" "$@"; else "$moe" "$@" --ranks "$n"; fi
+  # exec: when run in the background, $! is then moe's (or mpirun's) own pid.
+  if [ "$mode" = mpi ]; then exec "${mpirun[@]}" -np "$n" "$moe" "$@"; else exec "$moe" "$@" --ranks "$n"; fi
 }
 common=("$src/configs/tiny.yaml" train.schedule=constant train.warmup=0 train.log_every=1000
         moe.capacity_factor=0 parallel.ranks=0 parallel.ep=2)
 
-launch 2 train "${common[@]}" train.steps=100000 --out "$dir/a" >"$dir/log" 2>&1 &
+(launch 2 train "${common[@]}" train.steps=100000 --out "$dir/a") >"$dir/log" 2>&1 &
 job=$!
 for _ in $(seq 600); do
-  [ "$(wc -l <"$dir/a/metrics.jsonl" 2>/dev/null || echo 0)" -ge 3 ] && break
+  [ -f "$dir/a/metrics.jsonl" ] && [ "$(wc -l <"$dir/a/metrics.jsonl")" -ge 3 ] && break
   kill -0 "$job" 2>/dev/null || fail "the job ended before training started"
   sleep 0.1
 done
@@ -60,9 +61,9 @@ done
 echo "preempted after step $K: $(grep -o 'preempted by.*' "$dir/log")"
 
 final=$((K + 3))
-launch 2 train "${common[@]}" train.steps=$final --resume "$dir/a" >"$dir/log" 2>&1 ||
+(launch 2 train "${common[@]}" train.steps=$final --resume "$dir/a") >"$dir/log" 2>&1 ||
   fail "the resumed run failed"
-launch 2 train "${common[@]}" train.steps=$final --out "$dir/b" >"$dir/log" 2>&1 ||
+(launch 2 train "${common[@]}" train.steps=$final --out "$dir/b") >"$dir/log" 2>&1 ||
   fail "the uninterrupted run failed"
 /usr/bin/python3 - "$dir/a/metrics.jsonl" "$dir/b/metrics.jsonl" <<'PY' || fail "resumed != uninterrupted"
 import json, sys
@@ -77,8 +78,8 @@ PY
 # Eval of the same checkpoint at 1, 2, 4 ranks; eval_batches=3 (12 windows)
 # leaves padding windows at 2 and 4 ranks.
 "$moe" eval "$dir/b" train.eval_batches=3 --json --ranks 1 >"$dir/e1" 2>"$dir/log" || fail "eval at 1 rank"
-launch 2 eval "$dir/b" train.eval_batches=3 --json >"$dir/e2" 2>"$dir/log" || fail "eval at 2 ranks"
-launch 4 eval "$dir/b" train.eval_batches=3 --json >"$dir/e4" 2>"$dir/log" || fail "eval at 4 ranks"
+(launch 2 eval "$dir/b" train.eval_batches=3 --json) >"$dir/e2" 2>"$dir/log" || fail "eval at 2 ranks"
+(launch 4 eval "$dir/b" train.eval_batches=3 --json) >"$dir/e4" 2>"$dir/log" || fail "eval at 4 ranks"
 /usr/bin/python3 - "$dir/e1" "$dir/e2" "$dir/e4" "$final" <<'PY' || fail "eval differs across layouts"
 import json, sys
 r = [json.loads(open(p).read().strip().splitlines()[-1]) for p in sys.argv[1:4]]

@@ -54,7 +54,7 @@ void report_preemption(bool lead, int local_signal, int64_t step, int64_t steps,
                        const std::string& out_dir) {
   if (!lead) return;
   const std::string cause = local_signal > 0 ? std::string(signal_name(local_signal))
-                                             : std::string("a preemption signal on another rank");
+                                             : std::string("a signal to another rank");
   if (out_dir.empty())
     MOE_LOG(Warn) << "preempted by " << cause << " after step " << step << "/" << steps
                   << ": no --out directory, so no checkpoint was written";
