@@ -1246,7 +1246,7 @@ TEST(TrainData, BadTokenShardsAreDataErrorsNamingTheFile) {
          h[0] = 20240326;
          std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char*>(h.data()), 1024);
        }, {}},
-      {"vocab.bin", "token id 999",
+      {"vocab.bin", "but model.vocab = 512",
        [](const std::string& p) { write_raw_shard(p, iota_tokens(100, 900, 1000)); },
        {"model.vocab=512"}},
       {"tiny.bin", "shorter than one sequence",
@@ -1425,4 +1425,37 @@ TEST(TrainPreempt, FirstSignalRaisesTheFlagSecondTerminates) {
     ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
     EXPECT_EQ(WTERMSIG(status), sig);
   }
+}
+
+// `moe eval` on a byte-level text run: nats per token and bits per byte
+// (= nats / ln 2), at 2 thread ranks; a directory that is no run, and a run
+// without a checkpoint, exit 2 saying so.
+TEST(TrainCli, EvalPrintsBitsPerByteForTextAndRefusesNonRuns) {
+  const std::string text = fresh_dir("eval_text") + ".txt";
+  {
+    std::ofstream out(text);
+    for (int i = 0; i < 300; ++i) out << "line " << i << ": the quick brown fox " << i * 7 << "\n";
+  }
+  const std::string dir = run_to_dir(
+      "eval_cli", 2,
+      small_config(2, 2, 3, {"data.kind=text", "data.path=" + text, "model.vocab=256"}));
+  std::string out;
+  ASSERT_EQ(run_moe("eval " + dir + " --ranks 2 train.eval_batches=4", &out), 0) << out;
+  double nats = 0, bits = 0;
+  const size_t at = out.find("val_loss ");
+  ASSERT_NE(at, std::string::npos) << out;
+  ASSERT_EQ(std::sscanf(out.c_str() + at, "val_loss %lf nats/token (perplexity %*f), %lf bits/byte",
+                        &nats, &bits),
+            2)
+      << out;
+  EXPECT_GT(nats, 1.0);
+  EXPECT_NEAR(bits, nats / std::log(2.0), 1e-5);
+  EXPECT_NE(out.find("16 windows"), std::string::npos) << out;  // eval_batches 4 x train.batch 4
+  EXPECT_NE(out.find("moe layer 1:"), std::string::npos) << out;
+
+  ASSERT_EQ(run_moe("eval " + fresh_dir("not_a_run"), &out), 2) << out;
+  EXPECT_NE(out.find("is not a run directory"), std::string::npos) << out;
+  std::system(("rm -rf '" + dir + "/checkpoints'").c_str());
+  ASSERT_EQ(run_moe("eval " + dir, &out), 2) << out;
+  EXPECT_NE(out.find("no valid checkpoint"), std::string::npos) << out;
 }

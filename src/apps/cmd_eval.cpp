@@ -2,6 +2,7 @@
 // loss and per-expert load of a run's newest checkpoint, at any layout (the
 // run's parallel.ranks/ep/dp are reset to auto; checkpoints reshard on load).
 #include <torch/optim/adamw.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -49,6 +50,10 @@ void print_text(const EvalResult& r, const std::string& checkpoint, int64_t step
 int run_eval(const EvalArgs& args) {
   if (args.run_dir.empty()) MOE_THROW(UsageError, "moe eval: RUN_DIR is required");
   const std::string config_path = args.run_dir + "/config.yaml";
+  if (::access(config_path.c_str(), R_OK) != 0)
+    MOE_THROW(UsageError, "moe eval: '" << args.run_dir
+                                        << "' is not a run directory (no readable config.yaml): "
+                                           "give the --out directory of a `moe train` run");
   std::vector<std::string> overrides = {"parallel.ranks=0", "parallel.ep=0", "parallel.dp=0"};
   overrides.insert(overrides.end(), args.overrides.begin(), args.overrides.end());
   Config cfg = load_config(config_path, overrides);
