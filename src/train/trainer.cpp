@@ -240,8 +240,9 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     const double tps = double(tokens_per_step) / secs;
     const bool last = step + 1 == t.steps;
     // Not when stopping: a preemption grace period is for the checkpoint.
-    double val_loss = NAN;
-    if (t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last) && !stopping) {
+    const bool evaluated = t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last) && !stopping;
+    double val_loss = 0;
+    if (evaluated) {
       val_loss = evaluate(model, *data, mesh, cfg).loss;
       result.val_losses.emplace_back(step + 1, val_loss);
     }
@@ -265,7 +266,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
           mine[step_phase_names()[p]] = phase_ms[p];
           slowest[step_phase_names()[p]] = phase_max.data_ptr<double>()[p];
         }
-        if (!std::isnan(val_loss)) j["val_loss"] = val_loss;
+        if (evaluated) j["val_loss"] = val_loss;
         j["step_ms"] = secs * 1e3;
         j["phase_ms"] = mine;
         j["phase_ms_max"] = slowest;
@@ -273,11 +274,11 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
         metrics.flush();
       }
       if (!opts.quiet && ((step + 1) % t.log_every == 0 || last || step == start_step ||
-                          !std::isnan(val_loss))) {
+                          evaluated)) {
         const double done = run_clock.seconds();
         const double eta = done / double(step + 1 - start_step) * double(t.steps - step - 1);
         char line[256], val[32] = "";
-        if (!std::isnan(val_loss)) std::snprintf(val, sizeof val, "  val %.4f", val_loss);
+        if (evaluated) std::snprintf(val, sizeof val, "  val %.4f", val_loss);
         std::snprintf(line, sizeof line,
                       "step %lld/%lld  loss %.4f%s  aux %.4f  tok/s %.0f  load max/mean %.2f  "
                       "dropped %.1f%%  lr %.2e  "
