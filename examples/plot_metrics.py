@@ -4,10 +4,11 @@ Usage:
     /usr/bin/python3 examples/plot_metrics.py RUN_DIR
 
 Reads RUN_DIR/metrics.jsonl (one JSON object per training step, with keys
-step, loss, lm_loss, aux_loss, z_loss, lr, grad_norm, tokens_per_s, drop_frac
-and expert_load = [per MoE layer: [per-expert token counts]]) and writes:
+step, loss, lm_loss, aux_loss, z_loss, lr, grad_norm, tokens_per_s, drop_frac,
+val_loss on the steps that evaluated (train.eval_every), and expert_load = [per MoE layer: [per-expert token counts]]) and writes:
 
-    RUN_DIR/loss.png         loss / lm_loss (+ EMA), aux_loss, lr and drop_frac
+    RUN_DIR/loss.png         loss / lm_loss (+ EMA), val_loss, aux_loss, lr and
+                             drop_frac
     RUN_DIR/expert_load.png  per-layer heatmap of the fraction of tokens
                              routed to each expert at each step
 
@@ -60,6 +61,10 @@ def plot_loss(records, steps, out_path):
     ax1.plot(steps, loss, color="tab:blue", alpha=0.3, label="loss")
     ax1.plot(steps, ema(loss), color="tab:blue", label="loss (EMA)")
     ax1.plot(steps, lm_loss, color="tab:green", alpha=0.6, label="lm_loss")
+    val = [(int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r]
+    if val:
+        ax1.plot([s for s, _ in val], [v for _, v in val], color="black", marker="o",
+                 markersize=3, label="val_loss (held out)")
     ax1.set_ylabel("loss")
     ax1.set_title("training loss")
     ax1.grid(alpha=0.3)
@@ -151,6 +156,10 @@ def main():
     print(f"{len(records)} steps: loss first {loss[0]:.4f} last {loss[-1]:.4f} "
           f"min {np.nanmin(loss):.4f}; "
           f"mean tokens/s (last 10%) {np.nanmean(tail):.1f}")
+    val = [(int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r]
+    if val:
+        print(f"val_loss at step {val[-1][0]}: {val[-1][1]:.4f} "
+              f"(min {min(v for _, v in val):.4f} over {len(val)} evaluations)")
 
 
 if __name__ == "__main__":

@@ -12,4 +12,6 @@ OUT="${OUT:-$ROOT/runs/quickstart}"
 rm -rf "$OUT"
 "$MOE" train "$ROOT/configs/quickstart.yaml" --out "$OUT" "$@"
 /usr/bin/python3 "$ROOT/examples/plot_metrics.py" "$OUT"
+# The trained model on the held-out text, at any number of ranks (here 1).
+"$MOE" eval "$OUT" --ranks 1
 echo "[quickstart] run directory: $OUT (config.yaml, metrics.jsonl, memory.json, checkpoints/, loss.png, expert_load.png)"

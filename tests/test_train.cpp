@@ -4,11 +4,13 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <torch/nn/functional/loss.h>
-#include <torch/optim/adamw.h>
 #include <unistd.h>
+
+#include <signal.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -19,12 +21,14 @@
 #include "moe/comm/thread_comm.h"
 #include "moe/core/error.h"
 #include "moe/core/log.h"
+#include "moe/core/signals.h"
 #include "moe/model/transformer.h"
 #include "moe/moe/moe_layer.h"
 #include "moe/parallel/checkpoint.h"
 #include "moe/parallel/grad_sync.h"
 #include "moe/parallel/safetensors.h"
 #include "moe/train/data.h"
+#include "moe/train/evaluate.h"
 #include "moe/train/trainer.h"
 #include "test_support.h"
 #include "train_support.h"
@@ -997,4 +1001,351 @@ TEST(TrainClip, ClippedGradientNormEqualsTheThreshold) {
         EXPECT_NEAR(after, before, 1e-5 * before);
     }
   });
+}
+
+// ---- token shards, validation split, evaluation, preemption ----------------------
+
+namespace {
+
+// An llm.c shard (header: magic, version, count; then uint16 tokens), with
+// `version` and `count` overridable to make bad headers.
+void write_llmc_shard(const std::string& path, const std::vector<uint16_t>& tokens,
+                      int32_t version = kLlmcShardVersion, int32_t count = -1) {
+  std::vector<int32_t> header(256, 0);
+  header[0] = kLlmcShardMagic;
+  header[1] = version;
+  header[2] = count >= 0 ? count : static_cast<int32_t>(tokens.size());
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(header.data()), header.size() * 4);
+  out.write(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 2);
+}
+void write_raw_shard(const std::string& path, const std::vector<uint16_t>& tokens) {
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 2);
+}
+std::vector<uint16_t> iota_tokens(int n, int first, int modulo) {
+  std::vector<uint16_t> t(n);
+  for (int i = 0; i < n; ++i) t[i] = static_cast<uint16_t>((first + i) % modulo);
+  return t;
+}
+Config token_config(const std::string& path, std::vector<std::string> extra = {}) {
+  std::vector<std::string> ov = {"data.kind=tokens", "data.path=" + path, "model.vocab=1000",
+                                 "model.seq_len=8"};
+  ov.insert(ov.end(), extra.begin(), extra.end());
+  return default_config(ov);
+}
+std::vector<int64_t> row(const torch::Tensor& t, int64_t i) {
+  torch::Tensor r = t[i].contiguous();
+  return std::vector<int64_t>(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + r.numel());
+}
+
+}  // namespace
+
+// One llm.c shard, val_fraction 0.25 of 400 tokens: training reads tokens
+// [0, 300) (each rank its half), validation windows tokens 300.. with stride
+// seq_len. Tokens are their own positions, so every row says where it came from.
+TEST(TrainData, LlmcShardSplitsIntoRankSharesAndATailValidation) {
+  const std::string dir = fresh_dir("llmc");
+  std::system(("mkdir -p '" + dir + "'").c_str());
+  write_llmc_shard(dir + "/corpus.bin", iota_tokens(400, 0, 1000));
+  const Config cfg = token_config(dir + "/corpus.bin", {"data.val_fraction=0.25"});
+  for (int rank = 0; rank < 2; ++rank) {
+    auto data = make_data_source(cfg, rank, 2);
+    EXPECT_FALSE(data->byte_level());
+    EXPECT_EQ(data->val_windows(), (100 - 1) / 8);
+    const Batch b = data->batch(3, 0, 16);
+    for (int64_t i = 0; i < 16; ++i) {
+      const auto in = row(b.inputs, i), tg = row(b.targets, i);
+      EXPECT_GE(in[0], 150 * rank);
+      EXPECT_LE(tg.back(), 150 * rank + 149);  // inside this rank's share
+      for (size_t k = 0; k < in.size(); ++k) {
+        EXPECT_EQ(in[k], in[0] + int64_t(k));
+        EXPECT_EQ(tg[k], in[k] + 1);
+      }
+    }
+    const Batch v = data->val_batch({0, 5});
+    EXPECT_EQ(row(v.inputs, 0)[0], 300);
+    EXPECT_EQ(row(v.inputs, 1)[0], 300 + 5 * 8);
+    EXPECT_EQ(row(v.targets, 1).back(), 300 + 5 * 8 + 8);
+  }
+}
+
+// A directory with llm.c-named train shards (llm.c format) and a val shard
+// (raw uint16): the val shard is the whole validation split, the train shards
+// (concatenated, untouched by val_fraction) the training split; a glob picks
+// the same files.
+TEST(TrainData, ValShardsByNameRawAndLlmcFormatsAndGlobs) {
+  const std::string dir = fresh_dir("shards");
+  std::system(("mkdir -p '" + dir + "'").c_str());
+  write_llmc_shard(dir + "/web_train_000000.bin", iota_tokens(50, 0, 1000));
+  write_llmc_shard(dir + "/web_train_000001.bin", iota_tokens(50, 50, 1000));
+  write_raw_shard(dir + "/web_val_000000.bin", iota_tokens(33, 500, 1000));
+  std::ofstream(dir + "/README.txt") << "not a shard";
+  for (const std::string& path : {dir, dir + "/web_*.bin"}) {
+    SCOPED_TRACE(path);
+    auto data = make_data_source(token_config(path), 0, 1);
+    EXPECT_EQ(data->val_windows(), 4);
+    EXPECT_EQ(row(data->val_batch({3}).targets, 0).back(), 500 + 32);
+    // Training windows run on across the shard boundary.
+    int64_t max_seen = 0, spanning = 0;
+    for (int64_t step = 0; step < 20; ++step) {
+      const Batch b = data->batch(step, 0, 8);
+      for (int64_t i = 0; i < 8; ++i) {
+        const auto tg = row(b.targets, i);
+        EXPECT_EQ(tg.back(), row(b.inputs, i)[0] + 8);
+        max_seen = std::max(max_seen, tg.back());
+        spanning += row(b.inputs, i)[0] < 50 && tg.back() >= 50;
+      }
+    }
+    EXPECT_GT(spanning, 0);
+    EXPECT_GT(max_seen, 90);
+    EXPECT_LE(max_seen, 99);
+  }
+  // nanoGPT's names: train.bin / val.bin, raw uint16.
+  const std::string nano = fresh_dir("nanogpt");
+  std::system(("mkdir -p '" + nano + "'").c_str());
+  write_raw_shard(nano + "/train.bin", iota_tokens(64, 0, 1000));
+  write_raw_shard(nano + "/val.bin", iota_tokens(17, 900, 1000));
+  auto data = make_data_source(token_config(nano), 0, 1);
+  EXPECT_EQ(data->val_windows(), 2);
+  EXPECT_EQ(row(data->val_batch({0}).inputs, 0)[0], 900);
+}
+
+TEST(TrainData, BadTokenShardsAreDataErrorsNamingTheFile) {
+  const std::string dir = fresh_dir("bad_shards");
+  std::system(("mkdir -p '" + dir + "'").c_str());
+  struct Case {
+    std::string file, expect;
+    std::function<void(const std::string&)> write;
+    std::vector<std::string> extra;
+  };
+  const std::vector<Case> cases = {
+      {"version.bin", "version 7",
+       [](const std::string& p) { write_llmc_shard(p, iota_tokens(100, 0, 50), 7); }, {}},
+      {"truncated.bin", "truncated",
+       [](const std::string& p) { write_llmc_shard(p, iota_tokens(100, 0, 50), 1, 200); }, {}},
+      {"short_header.bin", "header truncated",
+       [](const std::string& p) {
+         const int32_t head[3] = {kLlmcShardMagic, 1, 10};
+         std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char*>(head), 12);
+       }, {}},
+      {"odd.bin", "odd byte count",
+       [](const std::string& p) { std::ofstream(p, std::ios::binary) << "abcdefg"; }, {}},
+      {"empty.bin", "empty", [](const std::string& p) { std::ofstream{p}; }, {}},
+      {"model.bin", "model checkpoint",
+       [](const std::string& p) {
+         std::vector<int32_t> h(256, 0);
+         h[0] = 20240326;
+         std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char*>(h.data()), 1024);
+       }, {}},
+      {"vocab.bin", "but model.vocab = 512",
+       [](const std::string& p) { write_raw_shard(p, iota_tokens(100, 900, 1000)); },
+       {"model.vocab=512"}},
+      {"tiny.bin", "shorter than one sequence",
+       [](const std::string& p) { write_raw_shard(p, iota_tokens(6, 0, 10)); }, {}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.file);
+    const std::string path = dir + "/" + c.file;
+    c.write(path);
+    try {
+      make_data_source(token_config(path, c.extra), 0, 1);
+      ADD_FAILURE() << "no DataError";
+    } catch (const DataError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(path), std::string::npos) << msg;
+      EXPECT_NE(msg.find(c.expect), std::string::npos) << msg;
+    }
+  }
+  for (const std::string& path : {dir + "/none_*.bin", fresh_dir("no_such_dir")}) {
+    try {
+      make_data_source(token_config(path), 0, 1);
+      ADD_FAILURE() << "no DataError for " << path;
+    } catch (const DataError& e) {
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+  }
+  // Only *_val_* shards: nothing to train on.
+  const std::string only_val = fresh_dir("only_val");
+  std::system(("mkdir -p '" + only_val + "'").c_str());
+  write_raw_shard(only_val + "/x_val_000.bin", iota_tokens(100, 0, 10));
+  EXPECT_THROW(make_data_source(token_config(only_val), 0, 1), DataError);
+}
+
+// Text: the last val_fraction of each file is held out; validation windows
+// read the tails in file order.
+TEST(TrainData, TextValidationIsTheTailOfEachFile) {
+  const std::string dir = fresh_dir("text_split");
+  std::system(("mkdir -p '" + dir + "'").c_str());
+  std::ofstream(dir + "/a.txt") << std::string(60, 'a') << std::string(20, 'A');
+  std::ofstream(dir + "/b.txt") << std::string(60, 'b') << std::string(20, 'B');
+  const Config cfg = default_config({"data.kind=text", "data.path=" + dir, "model.seq_len=8",
+                                     "data.val_fraction=0.25"});
+  auto data = make_data_source(cfg, 0, 1);
+  EXPECT_TRUE(data->byte_level());
+  EXPECT_EQ(data->val_windows(), (40 - 1) / 8);
+  std::string val;
+  for (int64_t w = 0; w < data->val_windows(); ++w)
+    for (int64_t t : row(data->val_batch({w}).inputs, 0)) val += char(t);
+  EXPECT_EQ(val, std::string(20, 'A') + std::string(12, 'B'));
+  for (int64_t step = 0; step < 10; ++step)
+    for (int64_t t : row(data->batch(step, 0, 4).targets, 0)) EXPECT_TRUE(t == 'a' || t == 'b');
+  // Without a validation split, evaluation is refused up front with what to change.
+  const Config none = default_config({"data.kind=text", "data.path=" + dir, "model.seq_len=8",
+                                      "data.val_fraction=0", "train.eval_every=5"});
+  try {
+    run(1, none, TrainOptions{});
+    FAIL();
+  } catch (const DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("data.val_fraction"), std::string::npos) << e.what();
+  }
+}
+
+namespace {
+// The validation loss of run_dir's checkpoint evaluated on `world` thread ranks at EP `ep`.
+EvalResult eval_checkpoint(const std::string& run_dir, const Config& cfg, int world, int ep) {
+  EvalResult res;
+  comm::run_ranks(world, 60.0, [&](comm::Communicator& c) {
+    comm::ProcessMesh mesh(c, ep, world / ep);
+    TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(cfg.train.seed));
+    load_checkpoint(run_dir, model, nullptr, mesh, cfg);
+    auto data = make_data_source(cfg, c.rank(), world);
+    EvalResult r = evaluate(model, *data, mesh, cfg);
+    if (c.rank() == 0) res = r;
+  });
+  return res;
+}
+}  // namespace
+
+// The same checkpoint evaluated at EP 1, 2, 4 and EP 2 x DP 2 gives the loss a
+// direct one-rank computation over windows 0..N-1 gives; 10 x 2 windows leave
+// a padding round at 4 ranks. The trainer's val_loss in metrics.jsonl at
+// the last step is the same number.
+TEST(TrainEval, EqualAtEp1Ep2Ep4ForTheSameCheckpoint) {
+  const Config cfg = small_config(1, 1, 4, {"train.batch=2", "train.eval_batches=10",
+                                            "train.eval_every=2", "moe.bias_update_rate=0.01"});
+  const std::string dir = run_to_dir("eval_parity", 2, small_config(2, 2, 4, {
+      "train.eval_batches=5", "train.eval_every=2", "moe.bias_update_rate=0.01"}));
+  double direct = 0;
+  comm::run_ranks(1, 60.0, [&](comm::Communicator& c) {
+    comm::ProcessMesh mesh(c, 1, 1);
+    TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(cfg.train.seed));
+    load_checkpoint(dir, model, nullptr, mesh, cfg);
+    auto data = make_data_source(cfg, 0, 1);
+    std::vector<int64_t> all(20);
+    for (int64_t i = 0; i < 20; ++i) all[i] = i;
+    const Batch b = data->val_batch(all);
+    torch::NoGradGuard ng;
+    LMOutput out = model.forward(b.inputs, false);
+    direct = torch::nn::functional::cross_entropy(out.logits.view({-1, cfg.model.vocab}),
+                                                  b.targets.view({-1}))
+                 .item<double>();
+  });
+  ASSERT_TRUE(std::isfinite(direct) && direct > 0.1) << direct;
+  for (Layout l : {Layout{1, 1}, Layout{2, 2}, Layout{4, 4}, Layout{4, 2}}) {
+    SCOPED_TRACE("world " + std::to_string(l.world) + " ep " + std::to_string(l.ep));
+    const EvalResult r = eval_checkpoint(dir, cfg, l.world, l.ep);
+    EXPECT_EQ(r.windows, 20);
+    EXPECT_EQ(r.tokens, 20 * cfg.model.seq_len);
+    EXPECT_NEAR(r.loss, direct, 1e-5 * direct);
+    ASSERT_EQ(r.expert_load.size(), 2u);
+    int64_t slots = 0;
+    for (int64_t c : r.expert_load[0]) slots += c;
+    // Every forwarded token (padding included) routes top_k slots.
+    const int64_t rounds = (20 + l.world * 2 - 1) / (l.world * 2);
+    EXPECT_EQ(slots, rounds * l.world * 2 * cfg.model.seq_len * cfg.moe.top_k);
+  }
+  const auto rows = read_metrics(dir);
+  ASSERT_EQ(rows.size(), 4u);
+  EXPECT_FALSE(rows[0].contains("val_loss"));
+  EXPECT_TRUE(rows[1].contains("val_loss"));
+  EXPECT_NEAR(rows[3]["val_loss"].get<double>(), direct, 1e-5 * direct);
+  EXPECT_NE(rows[1]["val_loss"].get<double>(), rows[3]["val_loss"].get<double>());
+}
+
+// A preemption request seen by rank 1 only, during step 3 of 6: every rank
+// stops after step 3 with a checkpoint of step 3, and resuming from it gives
+// bit for bit the losses of the uninterrupted run.
+TEST(TrainPreempt, OneRanksSignalStopsEveryRankAtTheSameStep) {
+  const Config cfg = small_config(2, 2, 6);
+  const std::string full_dir = fresh_dir("preempt_full"), dir = fresh_dir("preempt");
+  TrainOptions o;
+  o.quiet = true;
+  o.out_dir = full_dir;
+  const TrainResult full = run(2, cfg, o);
+  o.out_dir = dir;
+  o.stop_requested = [](int rank, int64_t step) { return rank == 1 && step >= 2 ? SIGTERM : 0; };
+  const TrainResult cut = run(2, cfg, o);
+  EXPECT_EQ(cut.preempted_step, 3);
+  ASSERT_EQ(cut.losses.size(), 3u);
+  EXPECT_EQ(find_checkpoint(dir), dir + "/checkpoints/step_00000003");
+  for (const char* f : {"shared.safetensors", "experts.ep0.safetensors", "experts.ep1.safetensors"}) {
+    struct stat st;
+    EXPECT_EQ(::stat((dir + "/checkpoints/step_00000003/" + f).c_str(), &st), 0) << f;
+  }
+  o.stop_requested = nullptr;
+  o.resume_dir = dir;
+  const TrainResult resumed = run(2, cfg, o);
+  EXPECT_EQ(resumed.first_step, 3);
+  EXPECT_EQ(resumed.preempted_step, 0);
+  ASSERT_EQ(resumed.losses.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(cut.losses[i], full.losses[i]);
+    EXPECT_EQ(resumed.losses[i], full.losses[3 + i]) << "step " << 4 + i;
+  }
+}
+
+// The handlers: the first SIGTERM/SIGINT/SIGUSR1 only raises the flag; the
+// second terminates the process with that signal (checked in a forked child).
+TEST(TrainPreempt, FirstSignalRaisesTheFlagSecondTerminates) {
+  for (int sig : {SIGTERM, SIGINT, SIGUSR1}) {
+    SCOPED_TRACE(signal_name(sig));
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      install_preemption_handlers();
+      if (preemption_signal() != 0) ::_exit(10);
+      ::raise(sig);
+      if (preemption_signal() != sig) ::_exit(11);
+      ::raise(sig);
+      ::_exit(12);  // not reached: the second signal ends the process
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "child exited with " << WEXITSTATUS(status);
+    EXPECT_EQ(WTERMSIG(status), sig);
+  }
+}
+
+// `moe eval` on a byte-level text run: nats per token and bits per byte
+// (= nats / ln 2), at 2 thread ranks; a directory that is no run, and a run
+// without a checkpoint, exit 2 saying so.
+TEST(TrainCli, EvalPrintsBitsPerByteForTextAndRefusesNonRuns) {
+  const std::string text = fresh_dir("eval_text") + ".txt";
+  {
+    std::ofstream out(text);
+    for (int i = 0; i < 300; ++i) out << "line " << i << ": the quick brown fox " << i * 7 << "\n";
+  }
+  const std::string dir = run_to_dir(
+      "eval_cli", 2,
+      small_config(2, 2, 3, {"data.kind=text", "data.path=" + text, "model.vocab=256"}));
+  std::string out;
+  ASSERT_EQ(run_moe("eval " + dir + " --ranks 2 train.eval_batches=4", &out), 0) << out;
+  double nats = 0, bits = 0;
+  const size_t at = out.find("val_loss ");
+  ASSERT_NE(at, std::string::npos) << out;
+  ASSERT_EQ(std::sscanf(out.c_str() + at, "val_loss %lf nats/token (perplexity %*f), %lf bits/byte",
+                        &nats, &bits),
+            2)
+      << out;
+  EXPECT_GT(nats, 1.0);
+  EXPECT_NEAR(bits, nats / std::log(2.0), 1e-5);
+  EXPECT_NE(out.find("16 windows"), std::string::npos) << out;  // eval_batches 4 x train.batch 4
+  EXPECT_NE(out.find("moe layer 1:"), std::string::npos) << out;
+
+  ASSERT_EQ(run_moe("eval " + fresh_dir("not_a_run"), &out), 2) << out;
+  EXPECT_NE(out.find("is not a run directory"), std::string::npos) << out;
+  std::system(("rm -rf '" + dir + "/checkpoints'").c_str());
+  ASSERT_EQ(run_moe("eval " + dir, &out), 2) << out;
+  EXPECT_NE(out.find("no valid checkpoint"), std::string::npos) << out;
 }

@@ -5,6 +5,7 @@
 #include "moe/core/error.h"
 #include "moe/core/log.h"
 #include "moe/core/memory.h"
+#include "moe/core/signals.h"
 #include "moe/train/trainer.h"
 
 namespace moe::apps {
@@ -22,6 +23,7 @@ int run_train(const TrainArgs& args) {
   opts.resume_dir = args.resume_dir;
   if (!opts.resume_dir.empty() && opts.out_dir.empty()) opts.out_dir = opts.resume_dir;
   comm::run_on_world(backend, nthreads, cfg.parallel.timeout_s, [&](comm::Communicator& world) {
+    install_preemption_handlers();  // here: after MPI_Init, which may install its own
     TrainResult r = train(world, cfg, opts);
     if (world.rank() == 0 && !r.losses.empty())
       MOE_LOG(Info) << "done: loss " << r.losses.front() << " -> " << r.losses.back() << " over "

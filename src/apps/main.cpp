@@ -1,4 +1,4 @@
-// `moe`: one program, subcommands train | bench | sweep | config | ckpt.
+// `moe`: one program, subcommands train | eval | bench | sweep | config | ckpt.
 // Thin: parse arguments, call the subcommand, map errors to exit codes.
 #include <CLI/CLI.hpp>
 #include <cstdlib>
@@ -52,6 +52,17 @@ int main(int argc, char** argv) {
                         "run directory: config.yaml, metrics.jsonl, checkpoints/");
   train_cmd->add_option("--resume", train.resume_dir,
                         "continue from the newest valid checkpoint in DIR");
+
+  // eval
+  apps::EvalArgs eval;
+  std::vector<std::string> eval_pos;
+  auto* eval_cmd = app.add_subcommand(
+      "eval", "Validation loss and expert load of a run's newest checkpoint (any EP size)");
+  eval_cmd->add_option("run_dir_and_overrides", eval_pos, "RUN_DIR [section.key=value ...]")
+      ->required();
+  eval_cmd->add_option("--ranks", eval.ranks, "simulate N ranks as threads of this process")
+      ->check(CLI::Range(1, 1024));
+  eval_cmd->add_flag("--json", eval.json, "print the result as one JSON object");
 
   // bench
   apps::BenchArgs bench;
@@ -128,6 +139,10 @@ int main(int argc, char** argv) {
     if (*train_cmd) {
       split_config_and_overrides(train_pos, &train.config_path, &train.overrides);
       return apps::run_train(train);
+    }
+    if (*eval_cmd) {
+      split_config_and_overrides(eval_pos, &eval.run_dir, &eval.overrides);
+      return apps::run_eval(eval);
     }
     if (*bench_cmd) {
       split_config_and_overrides(bench_pos, &bench.config_path, &bench.overrides);

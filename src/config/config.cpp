@@ -416,6 +416,12 @@ const std::vector<Field>& schema() {
                           "progress line every N steps"));
     v.push_back(int_field("train", "ckpt_every", &C::train, &TrainConfig::ckpt_every, 0, kIntMax,
                           "checkpoint every N steps (0 = only at the end)"));
+    v.push_back(int_field("train", "eval_every", &C::train, &TrainConfig::eval_every, 0, kIntMax,
+                          "validation loss every N steps and at the last step (0 = never)"));
+    v.push_back(int_field("train", "eval_batches", &C::train, &TrainConfig::eval_batches, 1,
+                          kIntMax,
+                          "an evaluation scores the first eval_batches x batch windows of the "
+                          "validation split (fewer if the split is shorter), spread over the ranks"));
     v.push_back(enum_field("train", "dtype", &C::train, &TrainConfig::dtype,
                            "compute precision: bfloat16 keeps fp32 master weights, AdamW state, "
                            "gradient reduction and router math"));
@@ -430,9 +436,14 @@ const std::vector<Field>& schema() {
                            "memory the rank can use (false = skip the check)"));
     // data
     v.push_back(enum_field("data", "kind", &C::data, &DataConfig::kind,
-                           "synthetic (learnable patterns) or byte-level text"));
+                           "synthetic (learnable patterns), byte-level text, or pre-tokenised "
+                           "uint16 shards (llm.c .bin with header, or raw)"));
     v.push_back(string_field("data", "path", &C::data, &DataConfig::path, {},
-                             "text file or directory (kind: text)"));
+                             "text: file or directory; tokens: .bin file, directory or glob"));
+    v.push_back(float_field("data", "val_fraction", &C::data, &DataConfig::val_fraction, 0.0, 0.5,
+                            false,
+                            "held-out tail of each text/token source for validation (tokens: "
+                            "unused when *_val_* shards exist; synthetic: a separate stream)"));
     // bench
     v.push_back(int_field("bench", "warmup", &C::bench, &BenchConfig::warmup, 0, 1 << 20,
                           "untimed repetitions before timing"));
@@ -689,8 +700,9 @@ void validate_config(const Config& c) {
         "model.moe_every = "
             << md.moe_every << " exceeds model.layers = " << md.layers
             << ": the model would have no MoE layer (set model.dense: true for a dense model)");
-  if (c.data.kind == DataKind::Text && c.data.path.empty())
-    MOE_THROW(ConfigError, "data.path is empty but data.kind = 'text' needs a file or directory");
+  if (c.data.kind != DataKind::Synthetic && c.data.path.empty())
+    MOE_THROW(ConfigError, "data.path is empty but data.kind = '"
+                               << c.data.kind << "' needs a file or directory");
   if (c.data.kind == DataKind::Synthetic && md.vocab < 4)
     MOE_THROW(ConfigError,
               "model.vocab = " << md.vocab << " is too small for synthetic data: allowed >= 4");

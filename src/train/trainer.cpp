@@ -17,6 +17,7 @@
 #include "moe/core/filesystem.h"
 #include "moe/core/log.h"
 #include "moe/core/memory.h"
+#include "moe/core/signals.h"
 #include "moe/core/stats.h"
 #include "moe/core/timer.h"
 #include "moe/model/transformer.h"
@@ -24,6 +25,7 @@
 #include "moe/parallel/optimizer.h"
 #include "moe/train/cost_model.h"
 #include "moe/train/data.h"
+#include "moe/train/evaluate.h"
 
 namespace moe {
 
@@ -103,6 +105,21 @@ void check_memory_fits(comm::Communicator& world, const Config& cfg, const torch
                 << "\nor set train.memory_guard=false to start anyway");
 }
 
+// The line a preempted run ends with (rank 0; it may not be the rank that got the signal).
+void report_preemption(bool lead, int local_signal, int64_t step, int64_t steps,
+                       const std::string& out_dir) {
+  if (!lead) return;
+  const std::string cause = local_signal > 0 ? std::string(signal_name(local_signal))
+                                             : std::string("a signal to another rank");
+  if (out_dir.empty())
+    MOE_LOG(Warn) << "preempted by " << cause << " after step " << step << "/" << steps
+                  << ": no --out directory, so no checkpoint was written";
+  else
+    MOE_LOG(Info) << "preempted by " << cause << ": stopped after step " << step << "/" << steps
+                  << " on every rank and saved its checkpoint; continue with --resume "
+                  << out_dir;
+}
+
 }  // namespace
 
 TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptions& opts) {
@@ -124,6 +141,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   model.set_compute_dtype(t.dtype == DType::BFloat16 ? torch::kBFloat16 : torch::kFloat32);
   model.set_recompute(t.recompute);
   auto data = make_data_source(cfg, world.rank(), W);
+  if (t.eval_every > 0) require_validation_data(*data, cfg);
   // After to_device: with train.zero 1 the parameters move into the optimizer's flat buffers.
   std::unique_ptr<Optimizer> optimizer = make_optimizer(model, mesh, t, cfg.parallel.grad_bucket_mb);
 
@@ -240,10 +258,17 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
       s.tokens_per_expert = world_loads[l];
       model.moe_layers()[l]->update_balance_bias(s);
     }
-    torch::Tensor scalars =
-        torch::tensor({lm_sum, aux_sum, z_sum, drop_sum}, torch::kFloat64) / double(t.grad_accum);
+    // The preemption request rides on the step's all-reduce: one rank's signal
+    // stops every rank after this same step.
+    const int stop_here = opts.stop_requested ? opts.stop_requested(world.rank(), step)
+                                              : preemption_signal();
+    const double ga = double(t.grad_accum);
+    torch::Tensor scalars = torch::tensor(
+        {lm_sum / ga, aux_sum / ga, z_sum / ga, drop_sum / ga, stop_here ? 1.0 : 0.0},
+        torch::kFloat64);
     world.all_reduce(scalars, comm::ReduceOp::Avg);
     const double* sc = scalars.data_ptr<double>();
+    const bool stopping = sc[4] > 0;
     const double loss = sc[0] + sc[1] + sc[2];
     if (!std::isfinite(loss))
       MOE_THROW(NumericError, "loss is " << loss << " at step " << step << " (lm " << sc[0]
@@ -258,6 +283,14 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     step_times.back().push_back(secs * 1e3);
     run_tokens += double(tokens_per_step);
     const double tps = double(tokens_per_step) / secs;
+    const bool last = step + 1 == t.steps;
+    // Not when stopping: a preemption grace period is for the checkpoint.
+    const bool evaluated = t.eval_every > 0 && ((step + 1) % t.eval_every == 0 || last) && !stopping;
+    double val_loss = 0;
+    if (evaluated) {
+      val_loss = evaluate(model, *data, mesh, cfg).loss;
+      result.val_losses.emplace_back(step + 1, val_loss);
+    }
 
     if (lead) {
       double max_load = 0, mean_load = 0;
@@ -278,30 +311,37 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
           mine[step_phase_names()[p]] = phase_ms[p];
           slowest[step_phase_names()[p]] = phase_max.data_ptr<double>()[p];
         }
+        if (evaluated) j["val_loss"] = val_loss;
         j["step_ms"] = secs * 1e3;
         j["phase_ms"] = mine;
         j["phase_ms_max"] = slowest;
         metrics << j.dump() << "\n";
         metrics.flush();
       }
-      if (!opts.quiet &&
-          ((step + 1) % t.log_every == 0 || step + 1 == t.steps || step == start_step)) {
+      if (!opts.quiet && ((step + 1) % t.log_every == 0 || last || step == start_step ||
+                          evaluated)) {
         const double done = run_clock.seconds();
         const double eta = done / double(step + 1 - start_step) * double(t.steps - step - 1);
-        char line[256];
+        char line[256], val[32] = "";
+        if (evaluated) std::snprintf(val, sizeof val, "  val %.4f", val_loss);
         std::snprintf(line, sizeof line,
-                      "step %lld/%lld  loss %.4f  aux %.4f  tok/s %.0f  load max/mean %.2f  "
+                      "step %lld/%lld  loss %.4f%s  aux %.4f  tok/s %.0f  load max/mean %.2f  "
                       "dropped %.1f%%  lr %.2e  "
                       "ETA %s",
-                      static_cast<long long>(step + 1), static_cast<long long>(t.steps), loss,
+                      static_cast<long long>(step + 1), static_cast<long long>(t.steps), loss, val,
                       sc[1], tps, mean_load > 0 ? max_load / mean_load : 0.0, 100 * sc[3], lr,
                       fmt_eta(eta).c_str());
         MOE_LOG(Info) << line;
       }
     }
-    const bool last = step + 1 == t.steps;
-    if (!opts.out_dir.empty() && ((t.ckpt_every > 0 && (step + 1) % t.ckpt_every == 0) || last))
+    if (!opts.out_dir.empty() &&
+        ((t.ckpt_every > 0 && (step + 1) % t.ckpt_every == 0) || last || stopping))
       save_checkpoint(opts.out_dir, step + 1, model, *optimizer, mesh, cfg);
+    if (stopping && !last) {
+      result.preempted_step = step + 1;
+      report_preemption(lead, stop_here, step + 1, t.steps, opts.out_dir);
+      break;
+    }
   }
   result.tokens_per_s = run_tokens / std::max(1e-9, run_clock.seconds());
   if (!step_times.empty()) {

@@ -54,6 +54,14 @@ struct CkptArgs {
 };
 int run_ckpt(const CkptArgs& args);
 
+struct EvalArgs {
+  std::string run_dir;
+  std::vector<std::string> overrides;
+  int ranks = 0;
+  bool json = false;
+};
+int run_eval(const EvalArgs& args);
+
 // For subcommands whose work lands later: says so and returns exit code 1.
 int not_implemented(const std::string& what);
 

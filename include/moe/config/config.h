@@ -24,7 +24,7 @@ enum class LrSchedule { Cosine, Linear, Constant };
 enum class Backend { Auto, Thread, Mpi, Nccl };
 enum class DeviceKind { Auto, Cpu, Cuda };
 enum class DType { Float32, BFloat16 };
-enum class DataKind { Synthetic, Text };
+enum class DataKind { Synthetic, Text, Tokens };
 enum class Launcher { Thread, Mpirun };
 enum class AttentionImpl { Auto, Sdpa, Explicit };
 enum class Recompute { None, Moe, Block };
@@ -44,7 +44,7 @@ MOE_ENUM_NAMES(LrSchedule, "cosine", "linear", "constant")
 MOE_ENUM_NAMES(Backend, "auto", "thread", "mpi", "nccl")
 MOE_ENUM_NAMES(DeviceKind, "auto", "cpu", "cuda")
 MOE_ENUM_NAMES(DType, "float32", "bfloat16")
-MOE_ENUM_NAMES(DataKind, "synthetic", "text")
+MOE_ENUM_NAMES(DataKind, "synthetic", "text", "tokens")
 MOE_ENUM_NAMES(Launcher, "thread", "mpirun")
 MOE_ENUM_NAMES(AttentionImpl, "auto", "sdpa", "explicit")
 MOE_ENUM_NAMES(Recompute, "none", "moe", "block")
@@ -135,6 +135,8 @@ struct TrainConfig {
   int64_t seed = 1234;
   int64_t log_every = 10;
   int64_t ckpt_every = 0;
+  int64_t eval_every = 0;
+  int64_t eval_batches = 16;
   DType dtype = DType::Float32;
   int64_t zero = 0;                        // 1: AdamW state sharded over DP / expert-DP
   Recompute recompute = Recompute::None;  // activations re-computed in backward
@@ -144,6 +146,7 @@ struct TrainConfig {
 struct DataConfig {
   DataKind kind = DataKind::Synthetic;
   std::string path = "/usr/share/games/fortunes";
+  double val_fraction = 0.05;
 };
 
 struct BenchConfig {

@@ -4,11 +4,16 @@
 // scaled so every gradient is that of the mean loss over the global batch
 // (world x batch x grad_accum sequences). Then global gradient-norm clipping,
 // AdamW with warmup + decay, and the aux-loss-free bias update from global
-// loads. Rank 0 logs progress and writes metrics.jsonl.
+// loads; every train.eval_every steps the validation loss (train/evaluate.h).
+// Rank 0 logs progress and writes metrics.jsonl. A preemption request on any
+// rank (SIGTERM, SIGINT, SIGUSR1) ends the run after the current step with a
+// checkpoint of that step.
 #pragma once
 #include <torch/types.h>
 
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moe/comm/communicator.h"
@@ -20,6 +25,11 @@ struct TrainOptions {
   std::string out_dir;     // config.yaml, metrics.jsonl, checkpoints/ ("" = nothing written)
   std::string resume_dir;  // run directory to continue from ("" = fresh start)
   bool quiet = false;      // no progress lines (tests)
+  // Asked on every rank at the end of every step: nonzero = stop after this
+  // step (a signal number, or any nonzero code). Empty = this process's
+  // preemption signal (core/signals.h). Ranks agree through the step's
+  // all-reduce, so all stop after, and checkpoint, the same step.
+  std::function<int(int rank, int64_t step)> stop_requested;
 };
 
 struct TrainResult {
@@ -32,6 +42,8 @@ struct TrainResult {
   // neighbour, a page-fault burst) does not move them.
   double median_step_ms = 0;
   std::vector<double> median_phase_ms;
+  std::vector<std::pair<int64_t, double>> val_losses;  // (step, validation loss) when evaluated
+  int64_t preempted_step = 0;  // > 0: stopped early by a preemption request after this step
 };
 
 // Collective over `world`. Throws ConfigError for layouts that do not fit.
