@@ -34,6 +34,12 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos,
   auto a = x2.select(-1, 0), b = x2.select(-1, 1);
   return torch::stack({a * cos - b * sin, a * sin + b * cos}, -1).flatten(-2);
 }
+// [B, KV, S, hd] -> [B, KV * rep, S, hd]: query head h reads key/value head h / rep.
+torch::Tensor repeat_kv(const torch::Tensor& x, int64_t rep) {
+  if (rep == 1) return x;
+  const auto s = x.sizes();
+  return x.unsqueeze(2).expand({s[0], s[1], rep, s[2], s[3]}).reshape({s[0], s[1] * rep, s[2], s[3]});
+}
 }  // namespace
 
 struct DenseMlp : torch::nn::Module {
@@ -61,7 +67,7 @@ struct Block : torch::nn::Module {
 TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, uint64_t seed)
     : cfg_(cfg) {
   const auto& m = cfg.model;
-  const int64_t D = m.d_model, V = m.vocab, hd = D / m.heads;
+  const int64_t D = m.d_model, V = m.vocab, hd = D / m.heads, kvd = kv_heads_of(m) * hd;
   embedding_ = register_parameter("embedding", init_normal({V, D}, 0.02, seed, "embedding"));
   if (!m.tie_embeddings)
     head_ = register_parameter("head", init_normal({V, D}, 0.02, seed, "head"));
@@ -74,8 +80,9 @@ TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, ui
     const std::string name = "layers." + std::to_string(i);
     b->norm1 = b->register_parameter("norm1", torch::ones({D}));
     b->norm2 = b->register_parameter("norm2", torch::ones({D}));
+    // Columns: q (heads x hd) | k (kv_heads x hd) | v (kv_heads x hd).
     b->wqkv = b->register_parameter(
-        "wqkv", init_normal({D, 3 * D}, 1.0 / std::sqrt(double(D)), seed, name + ".wqkv"));
+        "wqkv", init_normal({D, D + 2 * kvd}, 1.0 / std::sqrt(double(D)), seed, name + ".wqkv"));
     // Output projections start small (scaled by depth) so the residual stream starts near identity.
     b->wo = b->register_parameter(
         "wo", init_normal({D, D}, 1.0 / std::sqrt(double(D) * 2 * m.layers), seed, name + ".wo"));
@@ -99,43 +106,72 @@ TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, ui
 }
 
 torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
-                               const torch::Tensor& v, AttentionImpl impl) {
-  if (impl != AttentionImpl::Explicit) {
+                               const torch::Tensor& v, AttentionImpl impl, int64_t q_offset) {
+  const int64_t Sq = q.size(-2), Sk = k.size(-2);
+  MOE_CHECK_T(ShapeError, Sk == q_offset + Sq,
+              "causal_attention: " << Sk << " keys for " << Sq << " queries at offset " << q_offset
+                                   << " (expected offset + queries)");
+  // SDPA's is_causal aligns the mask top-left, right only when Sq == Sk; one
+  // query after a cache sees every key (no mask). Several queries after a
+  // cache take the explicit product.
+  if (impl != AttentionImpl::Explicit && (q_offset == 0 || Sq == 1)) {
+    const bool is_causal = q_offset == 0 && Sq > 1;
 #if MOE_HAVE_PUBLIC_SDPA
-    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, is_causal);
 #else
-    return std::get<0>(at::_scaled_dot_product_attention(q, k, v, {}, 0.0, false, true));
+    return std::get<0>(at::_scaled_dot_product_attention(q, k, v, {}, 0.0, false, is_causal));
 #endif
   }
-  const int64_t S = q.size(-2);
-  torch::Tensor causal = torch::ones({S, S}, q.options().dtype(torch::kBool)).triu(1);
+  torch::Tensor causal = torch::ones({Sq, Sk}, q.options().dtype(torch::kBool)).triu(1 + q_offset);
   torch::Tensor att = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(double(q.size(-1)));
   att = torch::softmax(att.masked_fill(causal, -std::numeric_limits<float>::infinity()), -1);
   return torch::matmul(att, v);
 }
 
-LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed) {
+LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed,
+                                KVCache* cache) {
   const auto& m = cfg_.model;
   MOE_CHECK_T(ShapeError, tokens.dim() == 2 && tokens.scalar_type() == torch::kInt64,
               "model input must be [batch, seq] int64 tokens, got " << comm::shape_str(tokens)
                                                                     << " " << tokens.scalar_type());
-  const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model, H = m.heads, hd = D / H;
-  MOE_CHECK_T(ShapeError, S <= m.seq_len,
-              "sequence length " << S << " exceeds model.seq_len = " << m.seq_len);
+  const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model, H = m.heads, hd = D / H,
+                KV = kv_heads_of(m), P = cache ? cache->length : 0;
+  MOE_CHECK_T(ShapeError, P + S <= m.seq_len,
+              "sequence length " << P + S << (P > 0 ? " (cached and new)" : "")
+                                 << " exceeds model.seq_len = " << m.seq_len);
+  if (cache && P == 0) {
+    cache->k.assign(blocks_.size(), {});
+    cache->v.assign(blocks_.size(), {});
+  }
+  MOE_CHECK_T(ShapeError, !cache || cache->k.size() == blocks_.size(),
+              "KV cache holds " << cache->k.size() << " blocks, the model has " << blocks_.size());
   const auto dt = compute_dtype_;
   const torch::Tensor tok = tokens.to(embedding_.device());
   torch::Tensor x = cast_to(embedding_, dt).index_select(0, tok.reshape({-1})).view({B, S, D});
-  torch::Tensor cos = rope_cos_.narrow(0, 0, S).to(dt), sin = rope_sin_.narrow(0, 0, S).to(dt);
+  torch::Tensor cos = rope_cos_.narrow(0, P, S).to(dt), sin = rope_sin_.narrow(0, P, S).to(dt);
   LMOutput out;
   out.aux_loss = torch::zeros({}, embedding_.options());
   out.z_loss = torch::zeros({}, embedding_.options());
   for (size_t i = 0; i < blocks_.size(); ++i) {
     Block& b = *blocks_[i];
     torch::Tensor h = rms_norm(x, cast_to(b.norm1, dt), m.norm_eps);
-    torch::Tensor qkv =
-        torch::matmul(h, cast_to(b.wqkv, dt)).view({B, S, 3, H, hd}).permute({2, 0, 3, 1, 4});
-    torch::Tensor q = apply_rope(qkv[0], cos, sin), k = apply_rope(qkv[1], cos, sin), v = qkv[2];
-    torch::Tensor a = causal_attention(q, k, v, m.attention).transpose(1, 2).reshape({B, S, D});
+    torch::Tensor qkv = torch::matmul(h, cast_to(b.wqkv, dt));  // [B, S, D + 2 KV hd]
+    auto heads_of = [&](int64_t first, int64_t n) {  // [B, n, S, hd]
+      return qkv.narrow(-1, first, n * hd).view({B, S, n, hd}).transpose(1, 2);
+    };
+    torch::Tensor q = apply_rope(heads_of(0, H), cos, sin);
+    torch::Tensor k = apply_rope(heads_of(D, KV), cos, sin), v = heads_of(D + KV * hd, KV);
+    if (cache) {
+      if (P > 0) {
+        k = torch::cat({cache->k[i], k}, 2);
+        v = torch::cat({cache->v[i], v}, 2);
+      }
+      cache->k[i] = k;
+      cache->v[i] = v;
+    }
+    torch::Tensor a = causal_attention(q, repeat_kv(k, H / KV), repeat_kv(v, H / KV), m.attention, P)
+                          .transpose(1, 2)
+                          .reshape({B, S, D});
     x = x + torch::matmul(a, cast_to(b.wo, dt));
     torch::Tensor h2 = rms_norm(x, cast_to(b.norm2, dt), m.norm_eps).view({B * S, D});
     torch::Tensor f;
@@ -150,6 +186,7 @@ LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint
     }
     x = x + f.view({B, S, D});
   }
+  if (cache) cache->length = P + S;
   x = rms_norm(x, cast_to(final_norm_, dt), m.norm_eps);
   // Logits in float32: the loss (log-softmax over the vocabulary) wants the range.
   out.logits = torch::matmul(x, cast_to(head_.defined() ? head_ : embedding_, dt).t()).to(torch::kFloat32);
