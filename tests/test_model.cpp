@@ -101,7 +101,7 @@ TEST(ModelAttention, GroupedQueryHeadsReadTheirGroupsKeysAndValues) {
           p.value().copy_(from);
           continue;
         }
-        ASSERT_EQ(from.sizes(), (c10::IntArrayRef{D, D + 2 * 2 * hd}));
+        ASSERT_EQ(from.sizes().vec(), (std::vector<int64_t>{D, D + 2 * 2 * hd}));
         std::vector<torch::Tensor> cols = {from.narrow(1, 0, D)};
         for (int64_t part : {0, 1})  // k, v
           for (int64_t h = 0; h < 4; ++h)
@@ -266,13 +266,13 @@ TEST(HfMixtral, ExportMatchesTheIndependentReferenceAndShardedImportRoundTrips) 
     ASSERT_EQ(run_moe("ckpt export " + run + " --hf " + hf, &out), 0) << out;
     nlohmann::json cfg;
     std::ifstream(hf + "/config.json") >> cfg;
-    EXPECT_EQ(cfg["model_type"], "mixtral");
-    EXPECT_EQ(cfg["architectures"][0], "MixtralForCausalLM");
-    EXPECT_EQ(cfg["intermediate_size"], 64);
-    EXPECT_EQ(cfg["num_local_experts"], 4);
-    EXPECT_EQ(cfg["num_experts_per_tok"], 2);
-    EXPECT_EQ(cfg["hidden_act"], "silu");
-    EXPECT_EQ(cfg["output_router_logits"], false);
+    EXPECT_EQ(cfg["model_type"].get<std::string>(), "mixtral");
+    EXPECT_EQ(cfg["architectures"][0].get<std::string>(), "MixtralForCausalLM");
+    EXPECT_EQ(cfg["intermediate_size"].get<int64_t>(), 64);
+    EXPECT_EQ(cfg["num_local_experts"].get<int64_t>(), 4);
+    EXPECT_EQ(cfg["num_experts_per_tok"].get<int64_t>(), 2);
+    EXPECT_EQ(cfg["hidden_act"].get<std::string>(), "silu");
+    EXPECT_FALSE(cfg["output_router_logits"].get<bool>());
     // Our logits (loaded at EP 1) against the reference's.
     const torch::Tensor tokens = random_tokens(2, 32, 72, 4);
     const std::string dump = run + "_logits.safetensors";
