@@ -332,7 +332,7 @@ int64_t load_checkpoint(const std::string& run_dir, TransformerLM& model,
       set_adam_state(optimizer, p, adam_step, torch::stack(ms), torch::stack(vs));
   }
   if (mesh.world().rank() == 0) {
-    MOE_LOG(Info) << "resumed from " << dir << " (step " << m["step"].get<int64_t>() << ")";
+    MOE_LOG(Info) << "loaded checkpoint " << dir << " (step " << m["step"].get<int64_t>() << ")";
   }
   return m["step"].get<int64_t>();
 }

@@ -291,10 +291,12 @@ std::map<std::string, torch::Tensor> export_mixtral(
     if (k.rfind("param.", 0) == 0) params[k] = v;  // the balance bias is unused (no bias updates)
   auto out = to_mixtral(params, cfg.model.d_model / cfg.model.heads);
   // Mixtral's router has no temperature: logits / t = x (W / t)^T.
-  if (cfg.moe.temperature != 1.0)
+  if (cfg.moe.temperature != 1.0) {
+    const std::string gate = ".block_sparse_moe.gate.weight";
     for (auto& [k, v] : out)
-      if (k.size() > 24 && k.compare(k.size() - 24, 24, "block_sparse_moe.gate.weight") == 0)
+      if (k.size() > gate.size() && k.compare(k.size() - gate.size(), gate.size(), gate) == 0)
         v = v / cfg.moe.temperature;
+  }
   return out;
 }
 
