@@ -341,6 +341,16 @@ TEST(HfMixtral, ExportMatchesTheIndependentReferenceAndShardedImportRoundTrips) 
     std::ofstream(sharded + "/model.safetensors.index.json") << index.dump();
     EXPECT_EQ(run_moe("ckpt import " + back + "_3 --hf " + sharded, &out), 2);
     EXPECT_NE(out.find("lacks tensor 'model.layers.0.extra.weight'"), std::string::npos) << out;
+    // The same checkpoint under a config Mixtral cannot express: exit 2 naming the property.
+    const std::string sigmoid = run + "_sigmoid";
+    std::system(("mkdir -p '" + sigmoid + "' && cp -r '" + run + "/checkpoints' '" + sigmoid + "/'")
+                    .c_str());
+    std::ofstream(sigmoid + "/config.yaml")
+        << dump_config(load_config(run + "/config.yaml", {"moe.score_fn=sigmoid"}));
+    EXPECT_EQ(run_moe("ckpt export " + sigmoid + " --hf " + sigmoid + "_hf", &out), 2);
+    EXPECT_NE(out.find("ConfigError: cannot export to Hugging Face Mixtral: moe.score_fn = sigmoid"),
+              std::string::npos)
+        << out;
     EXPECT_EQ(run_moe("ckpt import " + run + " --hf " + hf, &out), 2);  // the trained run's config
     EXPECT_NE(out.find("already has a config.yaml"), std::string::npos) << out;
   }
