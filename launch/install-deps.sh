@@ -14,6 +14,7 @@ PACKAGES=(
   libopenmpi-dev openmpi-bin  # MPI backend and mpirun tests
   fortunes                # default text corpus (byte-level LM data)
   python3-matplotlib      # plots written by the quickstart (via /usr/bin/python3)
+  python3-torch           # tests: the independent Hugging Face Mixtral reference (tests/hf_mixtral_reference.py)
 )
 
 missing=()

@@ -152,6 +152,10 @@ TEST(ConfigLoad, MalformedInputsGiveConfigErrorsNamingTheKey) {
        "model:\n  d_model: 100\n  heads: 3\n",
        {"model.d_model = 100", "model.heads = 3"}},
       {"odd head dim", "model:\n  d_model: 12\n  heads: 4\n", {"must be even"}},
+      {"kv_heads not dividing heads",
+       "model:\n  heads: 4\n  kv_heads: 3\n",
+       {"model.kv_heads = 3", "model.heads = 4"}},
+      {"negative kv_heads", "model:\n  kv_heads: -1\n", {"model.kv_heads"}},
       {"moe_every beyond layers", "model:\n  layers: 2\n  moe_every: 3\n", {"model.moe_every = 3"}},
       {"groups do not divide experts", "moe:\n  experts: 8\n  n_groups: 3\n", {"moe.n_groups = 3"}},
       {"topk_groups > n_groups",
@@ -327,7 +331,7 @@ TEST(ProgramCli, ConfigCheckExitCodes) {
   EXPECT_EQ(run_moe("frobnicate").code, 2);
   EXPECT_EQ(run_moe("--help").code, 0);
   auto help = run_moe("--help");
-  for (const char* sub : {"train", "bench", "sweep", "config", "ckpt"})
+  for (const char* sub : {"train", "bench", "sweep", "config", "ckpt", "generate"})
     EXPECT_NE(help.out.find(sub), std::string::npos) << sub;
 }
 

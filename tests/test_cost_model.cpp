@@ -116,6 +116,17 @@ TEST(CostModel, ZeroAndRecomputeByHand) {
   EXPECT_GT(predict_step(z, hw).step_ms, 0);
 }
 
+TEST(CostModel, GroupedQueryAttentionShrinksKAndV) {
+  // kv_heads 1 of 2 heads: k and v are 4 wide instead of 8, so wqkv is
+  // [8, 16] (128 floats, not 192) and its products shrink by a third.
+  const Config gqa = hand_config({"model.kv_heads=1"});
+  const StepCost c = step_cost(gqa, 2);
+  EXPECT_EQ(c.phase("attention_dense").flops(), 6 * 8 * 16 * 8 + 3072 + 3072 + 6144);
+  EXPECT_EQ(c.phase("grad_sync").all_reduce_bytes(), (440 - 64) * 4 + 8);
+  EXPECT_EQ(estimate_memory(gqa, 2).params, (440 - 64 + 288) * 4);
+  EXPECT_DOUBLE_EQ(c.train_flops_per_token, 3.0 * (2.0 * (704 - 64) + 128));
+}
+
 TEST(CostModel, OneRankHasNoExchangesAndDroplessSendsEverySlot) {
   const StepCost one = step_cost(hand_config(), 1);
   EXPECT_EQ(one.phase("dispatch").collectives.size(), 0u);

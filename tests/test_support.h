@@ -7,13 +7,9 @@
 
 namespace moe::testing_support {
 
-#ifdef MOE_BINARY
-// Runs `ENV build/bin/moe ARGS` (stderr merged into stdout); returns the exit
-// code. `env` is a shell prefix such as "MOE_CPU_CACHE_MB=0".
-inline int run_moe(const std::string& args, std::string* output = nullptr,
-                   const std::string& env = "") {
-  std::string cmd = env + (env.empty() ? "" : " ") + std::string(MOE_BINARY) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
+// Runs a shell command (stderr merged into stdout); returns its exit code.
+inline int run_command(const std::string& cmd, std::string* output = nullptr) {
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
   std::string out;
   char buf[4096];
   size_t n;
@@ -21,6 +17,15 @@ inline int run_moe(const std::string& args, std::string* output = nullptr,
   int status = pclose(p);
   if (output) *output = out;
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+#ifdef MOE_BINARY
+// Runs `ENV build/bin/moe ARGS`; returns the exit code. `env` is a shell
+// prefix such as "MOE_CPU_CACHE_MB=0".
+inline int run_moe(const std::string& args, std::string* output = nullptr,
+                   const std::string& env = "") {
+  return run_command(env + (env.empty() ? "" : " ") + std::string(MOE_BINARY) + " " + args,
+                     output);
 }
 #endif
 

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
+#include <sstream>
 
 #include "moe/apps/commands.h"
 #include "moe/comm/mesh.h"
@@ -18,6 +19,7 @@
 #include "moe/core/filesystem.h"
 #include "moe/model/transformer.h"
 #include "moe/parallel/checkpoint.h"
+#include "moe/parallel/hf_mixtral.h"
 #include "moe/parallel/safetensors.h"
 #include "moe/train/data.h"
 
@@ -62,129 +64,6 @@ std::map<std::string, torch::Tensor> read_checkpoint(const std::string& ckpt,
   return all;
 }
 
-// Our names <-> Mixtral / Hugging Face names (nn.Linear weights are [out, in]).
-struct NameMap {
-  std::string ours, theirs;
-  bool transpose;
-};
-
-std::map<std::string, torch::Tensor> to_mixtral(const std::map<std::string, torch::Tensor>& ours) {
-  std::map<std::string, torch::Tensor> out;
-  const std::regex expert(R"(param\.layers\.(\d+)\.moe\.experts\.(\d+)\.(w[123]))");
-  const std::regex layer(R"((param|buffer)\.layers\.(\d+)\.(.+))");
-  for (const auto& [k, v] : ours) {
-    std::smatch m;
-    if (k == "param.embedding") {
-      out["model.embed_tokens.weight"] = v;
-    } else if (k == "param.head") {
-      out["lm_head.weight"] = v;
-    } else if (k == "param.final_norm") {
-      out["model.norm.weight"] = v;
-    } else if (std::regex_match(k, m, expert)) {
-      out["model.layers." + m[1].str() + ".block_sparse_moe.experts." + m[2].str() + "." +
-          m[3].str() + ".weight"] = v.t().contiguous();
-    } else if (std::regex_match(k, m, layer)) {
-      const std::string pre = "model.layers." + m[2].str() + ".", rest = m[3].str();
-      if (rest == "norm1") {
-        out[pre + "input_layernorm.weight"] = v;
-      } else if (rest == "norm2") {
-        out[pre + "post_attention_layernorm.weight"] = v;
-      } else if (rest == "wqkv") {
-        const int64_t D = v.size(0);
-        out[pre + "self_attn.q_proj.weight"] = v.narrow(1, 0, D).t().contiguous();
-        out[pre + "self_attn.k_proj.weight"] = v.narrow(1, D, D).t().contiguous();
-        out[pre + "self_attn.v_proj.weight"] = v.narrow(1, 2 * D, D).t().contiguous();
-      } else if (rest == "wo") {
-        out[pre + "self_attn.o_proj.weight"] = v.t().contiguous();
-      } else if (rest == "moe.router.weight") {
-        out[pre + "block_sparse_moe.gate.weight"] = v;
-      } else if (rest == "moe.router.balance_bias") {
-        out[pre + "block_sparse_moe.gate.balance_bias"] = v;
-      } else if (rest == "mlp.w1" || rest == "mlp.w3" || rest == "mlp.w2") {
-        const char* n = rest == "mlp.w1" ? "gate_proj" : rest == "mlp.w3" ? "up_proj" : "down_proj";
-        out[pre + "mlp." + n + ".weight"] = v.t().contiguous();
-      } else if (rest.rfind("moe.shared_", 0) == 0) {
-        const std::string w = rest.substr(11);  // w1 | w2 | w3, stored [1, in, out]
-        const char* n = w == "w1" ? "gate_proj" : w == "w3" ? "up_proj" : "down_proj";
-        out[pre + "block_sparse_moe.shared_expert." + n + ".weight"] = v[0].t().contiguous();
-      } else {
-        MOE_THROW(CheckpointError, "export: no Mixtral name for tensor '" << k << "'");
-      }
-    } else {
-      MOE_THROW(CheckpointError, "export: no Mixtral name for tensor '" << k << "'");
-    }
-  }
-  return out;
-}
-
-std::map<std::string, torch::Tensor> from_mixtral(
-    const std::map<std::string, torch::Tensor>& theirs, const std::string& file) {
-  std::map<std::string, torch::Tensor> out;
-  const std::regex expert(
-      R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight)");
-  const std::regex layer(R"(model\.layers\.(\d+)\.(.+))");
-  std::map<std::string, std::map<std::string, torch::Tensor>> qkv;  // layer -> q/k/v
-  for (const auto& [k, v] : theirs) {
-    std::smatch m;
-    if (k == "model.embed_tokens.weight") {
-      out["param.embedding"] = v;
-    } else if (k == "lm_head.weight") {
-      out["param.head"] = v;
-    } else if (k == "model.norm.weight") {
-      out["param.final_norm"] = v;
-    } else if (std::regex_match(k, m, expert)) {
-      out["param.layers." + m[1].str() + ".moe.experts." + m[2].str() + "." + m[3].str()] =
-          v.t().contiguous();
-    } else if (std::regex_match(k, m, layer)) {
-      const std::string pre = "param.layers." + m[1].str() + ".", rest = m[2].str();
-      if (rest == "input_layernorm.weight")
-        out[pre + "norm1"] = v;
-      else if (rest == "post_attention_layernorm.weight")
-        out[pre + "norm2"] = v;
-      else if (rest == "self_attn.q_proj.weight" || rest == "self_attn.k_proj.weight" ||
-               rest == "self_attn.v_proj.weight")
-        qkv[m[1].str()][rest.substr(10, 1)] = v;
-      else if (rest == "self_attn.o_proj.weight")
-        out[pre + "wo"] = v.t().contiguous();
-      else if (rest == "block_sparse_moe.gate.weight")
-        out[pre + "moe.router.weight"] = v;
-      else if (rest == "block_sparse_moe.gate.balance_bias")
-        out["buffer.layers." + m[1].str() + ".moe.router.balance_bias"] = v;
-      else if (rest == "mlp.gate_proj.weight")
-        out[pre + "mlp.w1"] = v.t().contiguous();
-      else if (rest == "mlp.up_proj.weight")
-        out[pre + "mlp.w3"] = v.t().contiguous();
-      else if (rest == "mlp.down_proj.weight")
-        out[pre + "mlp.w2"] = v.t().contiguous();
-      else if (rest.rfind("block_sparse_moe.shared_expert.", 0) == 0) {
-        const std::string n = rest.substr(31);
-        const char* w = n == "gate_proj.weight" ? "w1" : n == "up_proj.weight" ? "w3" : "w2";
-        out[pre + "moe.shared_" + w] = v.t().contiguous().unsqueeze(0);
-      } else {
-        MOE_THROW(CheckpointError,
-                  file << ": tensor '" << k << "' has no counterpart in this framework's model");
-      }
-    } else {
-      MOE_THROW(CheckpointError,
-                file << ": tensor '" << k << "' has no counterpart in this framework's model");
-    }
-  }
-  for (auto& [l, parts] : qkv) {
-    if (parts.size() != 3)
-      MOE_THROW(CheckpointError, file << ": layer " << l << " lacks one of q_proj, k_proj, v_proj");
-    out["param.layers." + l + ".wqkv"] =
-        torch::cat({parts["q"].t(), parts["k"].t(), parts["v"].t()}, 1).contiguous();
-  }
-  // A router without a balance bias gets a zero one.
-  for (const auto& [k, v] : std::map<std::string, torch::Tensor>(out)) {
-    auto pos = k.find(".moe.router.weight");
-    if (pos == std::string::npos) continue;
-    std::string bias = "buffer" + k.substr(5, pos - 5) + ".moe.router.balance_bias";
-    if (!out.count(bias)) out[bias] = torch::zeros({v.size(0)});
-  }
-  return out;
-}
-
 int ckpt_info(const std::string& dir) {
   const std::string ckpt = resolve_checkpoint_dir(dir);
   nlohmann::json m = read_manifest(ckpt);
@@ -211,7 +90,7 @@ int ckpt_export(const std::string& dir, const std::string& out) {
   if (out.empty()) MOE_THROW(UsageError, "moe ckpt export DIR --safetensors OUT: OUT is required");
   const std::string ckpt = resolve_checkpoint_dir(dir);
   nlohmann::json m = read_manifest(ckpt);
-  auto named = to_mixtral(read_checkpoint(ckpt, m));
+  auto named = to_mixtral(read_checkpoint(ckpt, m), /*rope_head_dim=*/0);
   write_safetensors(
       out, named,
       {{"format", "pt"},
@@ -219,6 +98,64 @@ int ckpt_export(const std::string& dir, const std::string& out) {
        {"step", std::to_string(m["step"].get<int64_t>())},
        {"rope", "pairs (2i, 2i+1) rotated together; Hugging Face's rotate_half pairs (i, i+d/2)"}});
   std::cout << "wrote " << named.size() << " tensors to " << out << "\n";
+  return kExitOk;
+}
+
+// The config a checkpoint was trained with: RUN_DIR/config.yaml, where DIR
+// is the run directory or one of its checkpoints/step_N.
+Config run_config_of(const std::string& dir, const std::string& ckpt) {
+  struct stat st;
+  for (const std::string& path : {dir + "/config.yaml", ckpt + "/../../config.yaml"})
+    if (::stat(path.c_str(), &st) == 0) return load_config(path);
+  MOE_THROW(CheckpointError, "no config.yaml in '" << dir << "' or '" << ckpt
+                                                   << "/../..': a Hugging Face export needs the "
+                                                      "run's config (pass the run directory)");
+}
+
+void write_text_file(const std::string& path, const std::string& text) {
+  std::ofstream out(path);
+  out << text;
+  out.close();
+  if (!out) MOE_THROW(CheckpointError, "cannot write '" << path << "'");
+}
+
+// `moe ckpt export DIR --hf OUT_DIR`: config.json + model.safetensors that
+// MixtralForCausalLM loads and computes our logits with.
+int ckpt_export_hf(const std::string& dir, const std::string& out_dir) {
+  const std::string ckpt = resolve_checkpoint_dir(dir);
+  const Config cfg = run_config_of(dir, ckpt);
+  const nlohmann::json config_json = mixtral_config_json(cfg);  // refuses what Mixtral lacks
+  nlohmann::json m = read_manifest(ckpt);
+  auto ours = read_checkpoint(ckpt, m);
+  // The config must describe these tensors (a config.yaml edited after training would not).
+  const int64_t D = cfg.model.d_model, kv = kv_heads_of(cfg.model) * (D / cfg.model.heads);
+  auto expect_shape = [&](const std::string& key, std::vector<int64_t> want) {
+    auto it = ours.find(key);
+    if (it == ours.end() || it->second.sizes().vec() != want)
+      MOE_THROW(CheckpointError,
+                ckpt << ": '" << key << "' "
+                     << (it == ours.end() ? std::string("is missing")
+                                          : "has shape " + comm::shape_str(it->second))
+                     << ", the run's config.yaml implies " << c10::IntArrayRef(want));
+  };
+  expect_shape("param.embedding", {cfg.model.vocab, D});
+  expect_shape("param.layers.0.wqkv", {D, D + 2 * kv});
+  expect_shape("param.layers." + std::to_string(cfg.model.layers - 1) + ".moe.experts." +
+                   std::to_string(cfg.moe.experts - 1) + ".w1",
+               {D, cfg.moe.d_expert});
+  auto tensors = export_mixtral(ours, cfg);
+  const std::string error = make_directories(out_dir);
+  if (!error.empty()) MOE_THROW(CheckpointError, error);
+  write_safetensors(out_dir + "/model.safetensors", tensors,
+                    {{"format", "pt"}, {"source", ckpt},
+                     {"step", std::to_string(m["step"].get<int64_t>())}});
+  write_text_file(out_dir + "/config.json", config_json.dump(2) + "\n");
+  std::cout << "wrote " << out_dir << "/config.json and " << out_dir << "/model.safetensors ("
+            << tensors.size() << " tensors, MixtralForCausalLM, step " << m["step"] << ")\n";
+  if (cfg.moe.capacity_factor > 0)
+    std::cout << "note: Mixtral routes dropless; this run trained with moe.capacity_factor = "
+              << cfg.moe.capacity_factor
+              << ", so its own forward drops tokens over capacity where Mixtral's does not\n";
   return kExitOk;
 }
 
@@ -276,13 +213,60 @@ std::string write_plain_checkpoint(const std::map<std::string, torch::Tensor>& o
 int ckpt_import(const std::string& file, const std::string& run_dir) {
   if (file.empty() || run_dir.empty())
     MOE_THROW(UsageError, "moe ckpt import RUN_DIR --safetensors FILE: both are required");
-  auto ours = from_mixtral(read_safetensors(file), file);
+  auto ours = from_mixtral(read_safetensors(file), /*rope_head_dim=*/0, file);
   int64_t experts = 0;
   size_t layers = 0;
   std::string dir = write_plain_checkpoint(ours, run_dir, 0, &experts, &layers);
   std::cout << "imported " << ours.size() << " tensors (" << layers << " MoE layers, " << experts
             << " experts) into " << dir << "; continue with: moe train CONFIG --resume " << run_dir
             << "\n";
+  return kExitOk;
+}
+
+// `moe ckpt import RUN_DIR --hf HF_DIR`: a Hugging Face Mixtral directory
+// (single file or sharded) -> RUN_DIR/checkpoints/step_00000000 + RUN_DIR/config.yaml.
+int ckpt_import_hf(const std::string& hf_dir, const std::string& run_dir) {
+  const std::string json_path = hf_dir + "/config.json";
+  nlohmann::json j;
+  {
+    std::ifstream in(json_path);
+    if (!in) MOE_THROW(CheckpointError, "cannot open '" << json_path << "'");
+    try {
+      in >> j;
+    } catch (const std::exception& e) {
+      MOE_THROW(CheckpointError, json_path << " is not valid JSON: " << e.what());
+    }
+  }
+  const Config cfg = config_from_mixtral_json(j, json_path);
+  auto theirs = read_hf_tensors(hf_dir);
+  for (auto& [k, v] : theirs)  // bf16 / fp16 releases: our parameters are float32
+    if (v.is_floating_point()) v = v.to(torch::kFloat32);
+  if (cfg.model.tie_embeddings)
+    theirs.erase("lm_head.weight");  // tied: the head is the embedding
+  else if (!theirs.count("lm_head.weight"))
+    MOE_THROW(CheckpointError, hf_dir << ": tie_word_embeddings is false but there is no "
+                                         "lm_head.weight");
+  auto ours = from_mixtral(theirs, cfg.model.d_model / cfg.model.heads, hf_dir);
+  const std::string config_path = run_dir + "/config.yaml", text = dump_config(cfg);
+  struct stat st;
+  if (::stat(config_path.c_str(), &st) == 0) {
+    // Only a rerun of the same import may write over a config (its
+    // training and data settings are the user's, not ours to replace).
+    std::ifstream in(config_path);
+    std::stringstream old;
+    old << in.rdbuf();
+    if (old.str() != text)
+      MOE_THROW(CheckpointError, run_dir << " already has a config.yaml (another model, or "
+                                            "settings of its own): import into a new directory");
+  }
+  int64_t experts = 0;
+  size_t layers = 0;
+  std::string dir = write_plain_checkpoint(ours, run_dir, 0, &experts, &layers);
+  write_text_file(config_path, text);
+  std::cout << "imported " << theirs.size() << " tensors (" << layers << " MoE layers, " << experts
+            << " experts) into " << dir << " and " << config_path
+            << "; continue with: moe train " << config_path << " --resume " << run_dir
+            << " (set data.* and train.* first), or moe generate " << run_dir << "\n";
   return kExitOk;
 }
 
@@ -445,6 +429,12 @@ int run_ckpt(const CkptArgs& args) {
     return args.paths[i];
   };
   if (args.action == "info") return ckpt_info(path(0));
+  if ((args.action == "export" || args.action == "import") && !args.hf.empty()) {
+    if (!args.safetensors.empty())
+      MOE_THROW(UsageError, "moe ckpt " << args.action << ": give --hf or --safetensors, not both");
+    return args.action == "export" ? ckpt_export_hf(path(0), args.hf)
+                                   : ckpt_import_hf(args.hf, path(0));
+  }
   if (args.action == "export") return ckpt_export(path(0), args.safetensors);
   if (args.action == "import") return ckpt_import(args.safetensors, path(0));
   if (args.action == "upcycle") return ckpt_upcycle(path(0), path(1), args.experts, args.seed);

@@ -1,4 +1,4 @@
-// `moe`: one program, subcommands train | eval | bench | sweep | config | ckpt.
+// `moe`: one program, subcommands train | eval | generate | bench | sweep | config | ckpt.
 // Thin: parse arguments, call the subcommand, map errors to exit codes.
 #include <CLI/CLI.hpp>
 #include <cstdlib>
@@ -111,7 +111,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"info", "export", "import", "upcycle", "prune"}));
   ckpt_cmd->add_option("paths", ckpt.paths, "checkpoint directories / files");
   ckpt_cmd->add_option("--safetensors", ckpt.safetensors,
-                       "safetensors file to export to / import from");
+                       "safetensors file to export to / import from (our tensor layout)");
+  ckpt_cmd->add_option("--hf", ckpt.hf,
+                       "Hugging Face Mixtral directory to export to / import from (config.json + "
+                       "model.safetensors, or sharded with model.safetensors.index.json)");
   ckpt_cmd->add_option("--experts", ckpt.experts, "upcycle: experts per MoE layer")
       ->check(CLI::Range(1, 65536));
   ckpt_cmd->add_option("--seed", ckpt.seed, "upcycle: seed of the fresh routers");
@@ -126,6 +129,27 @@ int main(int argc, char** argv) {
       ->add_option("--batches", ckpt.batches,
                    "prune: micro-batches of data to measure importance on")
       ->check(CLI::Range(1, 100000));
+
+  // generate
+  apps::GenerateArgs gen;
+  auto* gen_cmd =
+      app.add_subcommand("generate", "Sample text (or token ids) from a run's newest checkpoint");
+  gen_cmd->add_option("run_dir", gen.run_dir, "RUN_DIR (config.yaml + checkpoints/)")->required();
+  gen_cmd
+      ->add_option("--prompt", gen.prompt,
+                   "text for byte-level models; token ids ('17 4 250') otherwise")
+      ->required();
+  gen_cmd->add_option("--tokens", gen.tokens, "tokens to generate")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
+  gen_cmd->add_option("--temperature", gen.temperature, "sampling temperature; 0 = greedy")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1e6));
+  gen_cmd->add_option("--top-k", gen.top_k, "sample among the K most likely tokens; 0 = all")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
+  gen_cmd->add_option("--seed", gen.seed, "sampling seed: the same seed draws the same tokens")
+      ->capture_default_str();
 
   try {
     app.parse(argc, argv);
@@ -155,6 +179,7 @@ int main(int argc, char** argv) {
       return apps::run_config(config);
     }
     if (*ckpt_cmd) return apps::run_ckpt(ckpt);
+    if (*gen_cmd) return apps::run_generate(gen);
     return kExitOther;
   };
 

@@ -307,6 +307,9 @@ const std::vector<Field>& schema() {
                           "transformer blocks"));
     v.push_back(int_field("model", "heads", &C::model, &ModelConfig::heads, 1, 1024,
                           "attention heads (d_model must divide by heads)"));
+    v.push_back(int_field("model", "kv_heads", &C::model, &ModelConfig::kv_heads, 0, 1024,
+                          "key/value heads, grouped-query attention (must divide heads; 0 = "
+                          "heads)"));
     v.push_back(int_field("model", "d_ff", &C::model, &ModelConfig::d_ff, 1, 1 << 22,
                           "hidden size of dense (non-MoE) FFN blocks"));
     v.push_back(int_field("model", "seq_len", &C::model, &ModelConfig::seq_len, 1, 1 << 20,
@@ -690,6 +693,11 @@ void validate_config(const Config& c) {
   if (md.d_model % md.heads != 0)
     MOE_THROW(ConfigError, "model.d_model = " << md.d_model
                                               << " is not divisible by model.heads = " << md.heads);
+  if (md.kv_heads > 0 && md.heads % md.kv_heads != 0)
+    MOE_THROW(ConfigError, "model.kv_heads = " << md.kv_heads << " does not divide model.heads = "
+                                               << md.heads
+                                               << ": each key/value head serves heads / kv_heads "
+                                                  "query heads (0 = one per query head)");
   if ((md.d_model / md.heads) % 2 != 0)
     MOE_THROW(ConfigError,
               "model.d_model / model.heads = " << md.d_model / md.heads

@@ -35,6 +35,12 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos,
   auto a = x2.select(-1, 0), b = x2.select(-1, 1);
   return torch::stack({a * cos - b * sin, a * sin + b * cos}, -1).flatten(-2);
 }
+// [B, KV, S, hd] -> [B, KV * rep, S, hd]: query head h reads key/value head h / rep.
+torch::Tensor repeat_kv(const torch::Tensor& x, int64_t rep) {
+  if (rep == 1) return x;
+  const auto s = x.sizes();
+  return x.unsqueeze(2).expand({s[0], s[1], rep, s[2], s[3]}).reshape({s[0], s[1] * rep, s[2], s[3]});
+}
 }  // namespace
 
 struct DenseMlp : torch::nn::Module {
@@ -62,7 +68,7 @@ struct Block : torch::nn::Module {
 TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, uint64_t seed)
     : cfg_(cfg) {
   const auto& m = cfg.model;
-  const int64_t D = m.d_model, V = m.vocab, hd = D / m.heads;
+  const int64_t D = m.d_model, V = m.vocab, hd = D / m.heads, kvd = kv_heads_of(m) * hd;
   embedding_ = register_parameter("embedding", init_normal({V, D}, 0.02, seed, "embedding"));
   if (!m.tie_embeddings)
     head_ = register_parameter("head", init_normal({V, D}, 0.02, seed, "head"));
@@ -75,8 +81,9 @@ TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, ui
     const std::string name = "layers." + std::to_string(i);
     b->norm1 = b->register_parameter("norm1", torch::ones({D}));
     b->norm2 = b->register_parameter("norm2", torch::ones({D}));
+    // Columns: q (heads x hd) | k (kv_heads x hd) | v (kv_heads x hd).
     b->wqkv = b->register_parameter(
-        "wqkv", init_normal({D, 3 * D}, 1.0 / std::sqrt(double(D)), seed, name + ".wqkv"));
+        "wqkv", init_normal({D, D + 2 * kvd}, 1.0 / std::sqrt(double(D)), seed, name + ".wqkv"));
     // Output projections start small (scaled by depth) so the residual stream starts near identity.
     b->wo = b->register_parameter(
         "wo", init_normal({D, D}, 1.0 / std::sqrt(double(D) * 2 * m.layers), seed, name + ".wo"));
@@ -100,16 +107,23 @@ TransformerLM::TransformerLM(const Config& cfg, comm::Communicator& ep_group, ui
 }
 
 torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
-                               const torch::Tensor& v, AttentionImpl impl) {
-  if (impl != AttentionImpl::Explicit) {
+                               const torch::Tensor& v, AttentionImpl impl, int64_t q_offset) {
+  const int64_t Sq = q.size(-2), Sk = k.size(-2);
+  MOE_CHECK_T(ShapeError, Sk == q_offset + Sq,
+              "causal_attention: " << Sk << " keys for " << Sq << " queries at offset " << q_offset
+                                   << " (expected offset + queries)");
+  // SDPA's is_causal aligns the mask top-left, right only when Sq == Sk; one
+  // query after a cache sees every key (no mask). Several queries after a
+  // cache take the explicit product.
+  if (impl != AttentionImpl::Explicit && (q_offset == 0 || Sq == 1)) {
+    const bool is_causal = q_offset == 0 && Sq > 1;
 #if MOE_HAVE_PUBLIC_SDPA
-    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, is_causal);
 #else
-    return std::get<0>(at::_scaled_dot_product_attention(q, k, v, {}, 0.0, false, true));
+    return std::get<0>(at::_scaled_dot_product_attention(q, k, v, {}, 0.0, false, is_causal));
 #endif
   }
-  const int64_t S = q.size(-2);
-  torch::Tensor causal = torch::ones({S, S}, q.options().dtype(torch::kBool)).triu(1);
+  torch::Tensor causal = torch::ones({Sq, Sk}, q.options().dtype(torch::kBool)).triu(1 + q_offset);
   torch::Tensor att = torch::matmul(q, k.transpose(-2, -1)) / std::sqrt(double(q.size(-1)));
   att = torch::softmax(att.masked_fill(causal, -std::numeric_limits<float>::infinity()), -1);
   return torch::matmul(att, v);
@@ -117,9 +131,10 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
 
 namespace {
 
-// What one block needs besides its input: shapes, rotary tables, settings.
+// What one block needs besides its input: shapes, rotary tables, settings,
+// and (generation) the KV cache with P positions already in it.
 struct BlockArgs {
-  int64_t B, S, D, H;
+  int64_t B, S, D, H, KV, P;
   torch::Tensor cos, sin;
   c10::ScalarType dtype;
   double norm_eps;
@@ -127,6 +142,8 @@ struct BlockArgs {
   bool training;
   uint64_t noise_seed;
   bool recompute_moe;
+  KVCache* cache;
+  size_t layer;
 };
 
 // An MoE layer's forward as tensors [y, aux_loss, z_loss] (what recompute carries).
@@ -141,14 +158,26 @@ std::vector<torch::Tensor> moe_forward(MoELayer& moe, const torch::Tensor& x, bo
 // `stats` receives the MoE layer's statistics (the first run's, when recomputed).
 std::vector<torch::Tensor> block_forward(Block& b, const torch::Tensor& x, const BlockArgs& a,
                                          LayerStats* stats) {
-  const int64_t B = a.B, S = a.S, D = a.D, H = a.H, hd = D / H;
+  const int64_t B = a.B, S = a.S, D = a.D, H = a.H, hd = D / H, KV = a.KV;
   const auto dt = a.dtype;
   torch::Tensor h = rms_norm(x, cast_to(b.norm1, dt), a.norm_eps);
-  torch::Tensor qkv =
-      torch::matmul(h, cast_to(b.wqkv, dt)).view({B, S, 3, H, hd}).permute({2, 0, 3, 1, 4});
-  torch::Tensor q = apply_rope(qkv[0], a.cos, a.sin), k = apply_rope(qkv[1], a.cos, a.sin),
-                v = qkv[2];
-  torch::Tensor att = causal_attention(q, k, v, a.attention).transpose(1, 2).reshape({B, S, D});
+  torch::Tensor qkv = torch::matmul(h, cast_to(b.wqkv, dt));  // [B, S, D + 2 KV hd]
+  auto heads_of = [&](int64_t first, int64_t n) {             // [B, n, S, hd]
+    return qkv.narrow(-1, first, n * hd).view({B, S, n, hd}).transpose(1, 2);
+  };
+  torch::Tensor q = apply_rope(heads_of(0, H), a.cos, a.sin);
+  torch::Tensor k = apply_rope(heads_of(D, KV), a.cos, a.sin), v = heads_of(D + KV * hd, KV);
+  if (a.cache) {
+    if (a.P > 0) {
+      k = torch::cat({a.cache->k[a.layer], k}, 2);
+      v = torch::cat({a.cache->v[a.layer], v}, 2);
+    }
+    a.cache->k[a.layer] = k;
+    a.cache->v[a.layer] = v;
+  }
+  torch::Tensor att = causal_attention(q, repeat_kv(k, H / KV), repeat_kv(v, H / KV), a.attention, a.P)
+                          .transpose(1, 2)
+                          .reshape({B, S, D});
   torch::Tensor x1 = x + torch::matmul(att, cast_to(b.wo, dt));
   torch::Tensor h2 = rms_norm(x1, cast_to(b.norm2, dt), a.norm_eps).view({B * S, D});
   if (!b.moe) {
@@ -178,37 +207,51 @@ std::vector<torch::Tensor> block_forward(Block& b, const torch::Tensor& x, const
 
 }  // namespace
 
-LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed) {
+LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed,
+                                KVCache* cache) {
   const auto& m = cfg_.model;
   MOE_CHECK_T(ShapeError, tokens.dim() == 2 && tokens.scalar_type() == torch::kInt64,
               "model input must be [batch, seq] int64 tokens, got " << comm::shape_str(tokens)
                                                                     << " " << tokens.scalar_type());
-  const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model;
-  MOE_CHECK_T(ShapeError, S <= m.seq_len,
-              "sequence length " << S << " exceeds model.seq_len = " << m.seq_len);
+  const int64_t B = tokens.size(0), S = tokens.size(1), D = m.d_model,
+                P = cache ? cache->length : 0;
+  MOE_CHECK_T(ShapeError, P + S <= m.seq_len,
+              "sequence length " << P + S << (P > 0 ? " (cached and new)" : "")
+                                 << " exceeds model.seq_len = " << m.seq_len);
+  if (cache && P == 0) {
+    cache->k.assign(blocks_.size(), {});
+    cache->v.assign(blocks_.size(), {});
+  }
+  MOE_CHECK_T(ShapeError, !cache || cache->k.size() == blocks_.size(),
+              "KV cache holds " << cache->k.size() << " blocks, the model has " << blocks_.size());
   const auto dt = compute_dtype_;
   const torch::Tensor tok = tokens.to(embedding_.device());
   torch::Tensor x = cast_to(embedding_, dt).index_select(0, tok.reshape({-1})).view({B, S, D});
   // Recomputation only pays when a graph is being recorded for backward.
-  const bool recording = training && torch::GradMode::is_enabled();
+  const bool recording = training && torch::GradMode::is_enabled() && !cache;
   BlockArgs args{B,
                  S,
                  D,
                  m.heads,
-                 rope_cos_.narrow(0, 0, S).to(dt),
-                 rope_sin_.narrow(0, 0, S).to(dt),
+                 kv_heads_of(m),
+                 P,
+                 rope_cos_.narrow(0, P, S).to(dt),
+                 rope_sin_.narrow(0, P, S).to(dt),
                  dt,
                  m.norm_eps,
                  m.attention,
                  training,
                  0,
-                 recording && recompute_ == Recompute::Moe};
+                 recording && recompute_ == Recompute::Moe,
+                 cache,
+                 0};
   LMOutput out;
   out.aux_loss = torch::zeros({}, embedding_.options());
   out.z_loss = torch::zeros({}, embedding_.options());
   for (size_t i = 0; i < blocks_.size(); ++i) {
     std::shared_ptr<Block> b = blocks_[i];
     args.noise_seed = noise_seed * 1000003ull + i;
+    args.layer = i;
     LayerStats stats;
     std::vector<torch::Tensor> r;
     if (recording && recompute_ == Recompute::Block) {
@@ -232,6 +275,7 @@ LMOutput TransformerLM::forward(const torch::Tensor& tokens, bool training, uint
       out.stats.push_back(stats);
     }
   }
+  if (cache) cache->length = P + S;
   x = rms_norm(x, cast_to(final_norm_, dt), m.norm_eps);
   // Logits in float32: the loss (log-softmax over the vocabulary) wants the range.
   out.logits = torch::matmul(x, cast_to(head_.defined() ? head_ : embedding_, dt).t()).to(torch::kFloat32);

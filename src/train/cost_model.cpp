@@ -61,7 +61,7 @@ namespace {
 
 // The shapes every count below is written in.
 struct Shapes {
-  int64_t B, S, T, D, V, L, heads, F, E, k, H, shared_H, micro;
+  int64_t B, S, T, D, V, L, heads, kv_dim, F, E, k, H, shared_H, micro;
   int64_t moe_layers, dense_layers, dense_width, act_mats;
   int ep, dp, world;
   bool tied;
@@ -79,6 +79,7 @@ Shapes shapes_of(const Config& cfg, int world) {
   s.V = m.vocab;
   s.L = m.layers;
   s.heads = m.heads;
+  s.kv_dim = kv_heads_of(m) * (m.d_model / m.heads);  // width of k (and of v)
   s.F = m.d_ff;
   s.E = e.experts;
   s.k = e.top_k;
@@ -107,7 +108,7 @@ ParamCount param_count(const Shapes& s) {
   ParamCount p;
   p.shared = s.V * s.D * (s.tied ? 1 : 2) + s.D;  // embedding (+ head), final norm
   p.tensors = s.tied ? 2 : 3;
-  p.shared += s.L * (2 * s.D + 4 * s.D * s.D);  // norms, wqkv, wo
+  p.shared += s.L * (2 * s.D + s.D * (2 * s.D + 2 * s.kv_dim));  // norms, wqkv, wo
   p.tensors += s.L * 4;
   p.shared += s.dense_layers * 3 * s.D * s.dense_width;
   p.tensors += s.dense_layers * 3;
@@ -215,7 +216,7 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
 
   // ---- attention and dense blocks, embedding, head and loss (forward + backward)
   PhaseCost& att = c.phase("attention_dense");
-  att.gemms.push_back({s.T, 3 * s.D, s.D, 1, s.L * R});                       // qkv
+  att.gemms.push_back({s.T, s.D + 2 * s.kv_dim, s.D, 1, s.L * R});            // qkv
   att.gemms.push_back({s.T, s.D, s.D, 1, s.L * R});                           // output projection
   // q k^T and att v: B x heads products of [S, hd] x [hd, S] and [S, S] x [S, hd] (same FLOPs).
   att.gemms.push_back({s.S * s.B * s.heads, s.S, s.D / s.heads, s.B * s.heads, 2 * s.L * R});
@@ -329,7 +330,7 @@ StepCost step_cost(const Config& cfg, int world, const RoutingStats& routing) {
 
   // Model FLOPs per token for MFU: forward matrix products of the active
   // parameters (head included, embedding lookup excluded) and attention, x3.
-  const double active = double(s.L * 4 * s.D * s.D + s.dense_layers * 3 * s.D * s.dense_width +
+  const double active = double(s.L * s.D * (2 * s.D + 2 * s.kv_dim) + s.dense_layers * 3 * s.D * s.dense_width +
                                Lm * (s.E * s.D + s.act_mats * s.D * (s.k * s.H + s.shared_H)) +
                                s.V * s.D);
   c.train_flops_per_token = 3.0 * (2.0 * active + 4.0 * double(s.L * s.S * s.D));

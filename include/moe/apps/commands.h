@@ -46,6 +46,7 @@ struct CkptArgs {
   std::string action;  // info | export | import | upcycle | prune
   std::vector<std::string> paths;
   std::string safetensors;
+  std::string hf;           // export/import: a Hugging Face Mixtral directory
   int64_t experts = 0;      // upcycle: experts per MoE layer
   int64_t seed = 1234;      // upcycle: router initialisation
   std::string config_path;  // prune: the run's config
@@ -61,6 +62,15 @@ struct EvalArgs {
   bool json = false;
 };
 int run_eval(const EvalArgs& args);
+struct GenerateArgs {
+  std::string run_dir;
+  std::string prompt;
+  int64_t tokens = 64;
+  double temperature = 1.0;  // 0 = greedy
+  int64_t top_k = 0;         // 0 = all tokens
+  uint64_t seed = 0;
+};
+int run_generate(const GenerateArgs& args);
 
 // For subcommands whose work lands later: says so and returns exit code 1.
 int not_implemented(const std::string& what);

@@ -78,6 +78,7 @@ struct ModelConfig {
   int64_t d_model = 128;
   int64_t layers = 2;
   int64_t heads = 4;
+  int64_t kv_heads = 0;  // key/value heads (grouped-query attention); 0 = heads
   int64_t d_ff = 512;
   int64_t seq_len = 64;
   int64_t moe_every = 1;
@@ -87,6 +88,11 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   AttentionImpl attention = AttentionImpl::Auto;
 };
+
+// Key/value heads actually used: model.kv_heads, or model.heads when 0.
+inline int64_t kv_heads_of(const ModelConfig& m) {
+  return m.kv_heads > 0 ? m.kv_heads : m.heads;
+}
 
 struct MoeConfig {
   int64_t experts = 8;

@@ -1,5 +1,6 @@
 // Decoder-only transformer LM: token embedding, pre-norm blocks (RMSNorm,
-// causal multi-head attention with rotary positions, FFN), final RMSNorm,
+// causal attention with rotary positions and model.kv_heads key/value heads
+// shared by groups of heads / kv_heads query heads, FFN), final RMSNorm,
 // tied or untied output head. Block i's FFN is an MoE layer when
 // (i + 1) % model.moe_every == 0 (so moe_every 1 = every block, 2 = every
 // second block), a dense SwiGLU MLP of width model.d_ff otherwise. The dense
@@ -37,6 +38,14 @@ struct LMOutput {
   std::vector<LayerStats> stats;   // one per MoE layer
 };
 
+// Keys and values of the positions decoded so far, one entry per block
+// ([B, kv_heads, length, head_dim], after rotary): incremental decoding runs
+// each new token's attention against them instead of recomputing the prefix.
+struct KVCache {
+  std::vector<torch::Tensor> k, v;
+  int64_t length = 0;  // positions cached
+};
+
 struct DenseMlp;
 struct Block;
 
@@ -45,8 +54,12 @@ class TransformerLM : public torch::nn::Module {
   TransformerLM(const Config& cfg, comm::Communicator& ep_group, uint64_t seed);
 
   // tokens [B, S] int64 in [0, vocab) (any device; moved to the model's).
-  // Logits are float32 whatever the compute dtype.
-  LMOutput forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed = 0);
+  // Logits are float32 whatever the compute dtype. With `cache`, tokens sit
+  // at positions [cache->length, cache->length + S) after the cached ones
+  // (which they attend to) and their keys and values are appended; the total
+  // must stay within model.seq_len (the rotary tables' extent).
+  LMOutput forward(const torch::Tensor& tokens, bool training, uint64_t noise_seed = 0,
+                   KVCache* cache = nullptr);
 
   // Parameters stay float32 (master weights); bfloat16 computes with
   // bf16 casts of them, so gradients arrive in float32.
@@ -62,6 +75,7 @@ class TransformerLM : public torch::nn::Module {
   std::vector<std::pair<std::string, torch::Tensor>> expert_parameters() const;
   std::vector<std::pair<std::string, torch::Tensor>> shared_parameters() const;
   ModelCounts counts() const;
+  const Config& config() const { return cfg_; }
 
  private:
   Config cfg_;
@@ -73,11 +87,13 @@ class TransformerLM : public torch::nn::Module {
   Recompute recompute_ = Recompute::None;
 };
 
-// softmax(q k^T / sqrt(hd) + causal mask) v for q, k, v [B, heads, S, hd]:
+// softmax(q k^T / sqrt(hd) + causal mask) v for q [B, heads, Sq, hd] and
+// k, v [B, heads, q_offset + Sq, hd]: query i sits at position q_offset + i
+// and sees keys 0 .. q_offset + i (q_offset > 0: decoding after a KV cache).
 // LibTorch's scaled_dot_product_attention (flash / memory-efficient kernels
 // on GPU; at::_scaled_dot_product_attention on 1.13), or the explicit
 // product (AttentionImpl::Explicit, the reference the tests compare with).
 torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
-                               const torch::Tensor& v, AttentionImpl impl);
+                               const torch::Tensor& v, AttentionImpl impl, int64_t q_offset = 0);
 
 }  // namespace moe
