@@ -71,13 +71,15 @@ while kill -0 "$mp" 2>/dev/null; do
   fi
   if [ -n "$aborted_at" ] && [ $((SECONDS - aborted_at)) -ge "$ABORT_GRACE_S" ]; then
     echo "mpirun.sh: mpirun still waits ${ABORT_GRACE_S} s after MPI_Abort (a host is unreachable); ending it" >&2
-    kill -TERM "$mp" 2>/dev/null; sleep 2; kill -KILL "$mp" 2>/dev/null
+    # KILL, not TERM: on TERM mpirun retries the same abort and waits again.
+    # Its daemons on reachable hosts then lose mpirun and end their ranks.
+    kill -KILL "$mp" 2>/dev/null || true
     break
   fi
   sleep 0.5
 done
 set +e
-wait "$mp"; rc=$?
+{ wait "$mp"; } 2>/dev/null; rc=$?  # (no "Killed" notice from bash)
 set -e
 if [ -n "$aborted_at" ] && [ -n "$abort_code" ]; then
   rc="$abort_code"
