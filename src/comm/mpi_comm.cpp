@@ -194,12 +194,17 @@ std::unique_ptr<MpiComm> MpiComm::world(double timeout_s) {
   return w;
 }
 
-std::vector<std::string> MpiComm::host_names() {
+std::string MpiComm::processor_name() {
   char name[MPI_MAX_PROCESSOR_NAME] = {};
   int len = 0;
   MPI_Get_processor_name(name, &len);
+  return std::string(name, static_cast<size_t>(len));
+}
+
+std::vector<std::string> MpiComm::host_names() {
+  const std::string name = processor_name();
   torch::Tensor mine = torch::zeros({1, MPI_MAX_PROCESSOR_NAME}, torch::kUInt8);
-  std::memcpy(mine.data_ptr(), name, static_cast<size_t>(len));
+  std::memcpy(mine.data_ptr(), name.data(), name.size());
   torch::Tensor all = all_gather(mine).contiguous();
   std::vector<std::string> hosts;
   for (int r = 0; r < size_; ++r) {

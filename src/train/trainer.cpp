@@ -53,7 +53,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   const int64_t rss_at_start = current_rss_bytes();
   const ParallelLayout layout = resolve_layout(cfg, world.size());
   comm::check_world_consistency(world, config_hash(cfg));
-  comm::ProcessMesh mesh(world, layout.ep, layout.dp);
+  comm::ProcessMesh mesh(world, layout.ep, layout.dp, cfg.parallel.ep_span_hosts);
   const bool lead = world.rank() == 0;
   const auto& t = cfg.train;
   const int W = world.size();
@@ -110,6 +110,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
                   << layout.ep << " x dp " << layout.dp << "; global batch "
                   << W * t.batch * t.grad_accum << " sequences = " << tokens_per_step
                   << " tokens/step; data: " << data->describe();
+    MOE_LOG(Info) << "hosts: " << mesh.describe();
     MOE_LOG(Info) << "memory per rank (estimate): " << describe_memory(memory);
   }
   {

@@ -36,6 +36,8 @@ class MpiComm : public Communicator {
   // MPI_COMM_TYPE_SHARED). Collective over this communicator.
   int shared_memory_rank();
 
+  // This process's host name (MPI_Get_processor_name).
+  static std::string processor_name();
   // The host name (MPI_Get_processor_name) of every rank of this
   // communicator, by rank. Collective.
   std::vector<std::string> host_names();
