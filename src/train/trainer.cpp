@@ -58,8 +58,8 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   const auto& t = cfg.train;
   const int W = world.size();
 
-  const torch::Device device =
-      comm::select_device(cfg.parallel.device, comm::node_local_rank(world));
+  const int local_rank = comm::node_local_rank(world);
+  const torch::Device device = comm::select_device(cfg.parallel.device, local_rank);
   comm::bind_device(device);
   TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(t.seed));
   model.to_device(device);  // before the optimizer exists: it keeps parameter references
@@ -114,14 +114,17 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     MOE_LOG(Info) << "memory per rank (estimate): " << describe_memory(memory);
   }
   {
-    // Rank 0 names every rank's device (-1 = CPU).
-    torch::Tensor mine = torch::tensor({static_cast<int64_t>(device.is_cuda() ? device.index() : -1)});
+    // Rank 0 names every rank's device (-1 = CPU) and node-local rank (which picks the GPU).
+    torch::Tensor mine = torch::tensor({static_cast<int64_t>(device.is_cuda() ? device.index() : -1),
+                                        static_cast<int64_t>(local_rank)})
+                             .reshape({1, 2});
     torch::Tensor all = world.all_gather(mine);
     if (lead && !opts.quiet) {
       std::ostringstream os;
       for (int r = 0; r < W; ++r) {
-        const int64_t d = all[r].item<int64_t>();
-        os << (r ? ", " : "") << "rank " << r << " " << (d < 0 ? "cpu" : "cuda:" + std::to_string(d));
+        const int64_t d = all[r][0].item<int64_t>();
+        os << (r ? ", " : "") << "rank " << r << " (local " << all[r][1].item<int64_t>() << ") "
+           << (d < 0 ? "cpu" : "cuda:" + std::to_string(d));
       }
       MOE_LOG(Info) << "devices: " << os.str() << " (rank 0: " << comm::describe_device(device)
                     << "); compute dtype " << enum_name(t.dtype);

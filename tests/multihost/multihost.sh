@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # multihost.sh SCENARIO MOE SOURCE_DIR: `moe train` on simulated hosts
 # (network namespaces, see netns.sh) through launch/mpirun.sh -H hostfile.
-#   ep2_dp2, ep4   2 hosts x 2 ranks; losses equal to `--ranks 4` (threads)
+#   ep2_dp2, ep4   2 hosts x 2 ranks; losses equal to `--ranks 4` (threads);
+#                  EP groups inside the hosts at EP 2, node-local ranks 0,1 per host
+#   ep2_span       EP 2 with parallel.ep_span_hosts: each EP group on both hosts
 #   resume         checkpoint on 2 hosts x 2 ranks (EP 2 x DP 2), resume on
 #                  1 host x 2 ranks (EP 2); losses equal to threads doing the same
 #   host_killed    every process of host 2 SIGKILLed mid-run, or
@@ -40,12 +42,18 @@ same_losses() {
   echo "losses equal within 1e-5 ($(echo "$a" | wc -l) steps, last $(echo "$a" | tail -1))"
 }
 
-parity() {  # parity EP: 2 hosts x 2 ranks vs 4 rank threads
+# parity EP "HOSTS LINE" [overrides]: 2 hosts x 2 ranks vs 4 rank threads; rank 0
+# logs the placement ("hosts: ..." line) and each rank's node-local rank.
+parity() {
+  local ep="$1" placement="$2"; shift 2
   mh_setup 2 || fail "namespace setup failed"
-  launch train "$cfg" parallel.ep="$1" train.steps=12 --out "$MH_DIR/hosts_run" >"$MH_DIR/log" 2>&1 ||
+  launch train "$cfg" parallel.ep="$ep" train.steps=12 "$@" --out "$MH_DIR/hosts_run" >"$MH_DIR/log" 2>&1 ||
     fail "mpirun.sh exited $?"
-  grep -q "ep $1 x dp $((4 / $1))" "$MH_DIR/log" || fail "the job did not run at EP $1 x DP $((4 / $1)) on 4 ranks"
-  "$moe" train "$cfg" parallel.ep="$1" train.steps=12 --ranks 4 --out "$MH_DIR/thread_run" >"$MH_DIR/tlog" 2>&1 ||
+  grep -q "ep $ep x dp $((4 / ep))" "$MH_DIR/log" || fail "the job did not run at EP $ep x DP $((4 / ep)) on 4 ranks"
+  grep -qF "hosts: $placement" "$MH_DIR/log" || fail "placement is not 'hosts: $placement'"
+  grep -qF "rank 0 (local 0) cpu, rank 1 (local 1) cpu, rank 2 (local 0) cpu, rank 3 (local 1) cpu" "$MH_DIR/log" ||
+    fail "node-local ranks are not 0,1 on each host"
+  "$moe" train "$cfg" parallel.ep="$ep" train.steps=12 --ranks 4 --out "$MH_DIR/thread_run" >"$MH_DIR/tlog" 2>&1 ||
     fail "the thread run failed: $(tail -5 "$MH_DIR/tlog")"
   same_losses "$MH_DIR/hosts_run" "$MH_DIR/thread_run"
 }
@@ -123,8 +131,10 @@ fault() {
 }
 
 case "$scenario" in
-  ep2_dp2) parity 2 ;;
-  ep4) parity 4 ;;
+  ep2_dp2) parity 2 "2 hosts x 2 ranks per host; EP group 0: ranks 0,1 on host1; EP group 1: ranks 2,3 on host2" ;;
+  ep2_span) parity 2 "2 hosts x 2 ranks per host; EP group 0: ranks 0,2 on host1+host2; EP group 1: ranks 1,3 on host1+host2" \
+              parallel.ep_span_hosts=true ;;
+  ep4) parity 4 "2 hosts x 2 ranks per host; EP group 0: ranks 0,1,2,3 on host1+host2" ;;
   resume) resume ;;
   host_killed) fault kill ;;
   link_down) fault cut ;;
