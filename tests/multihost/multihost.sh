@@ -4,6 +4,8 @@
 #   ep2_dp2, ep4   2 hosts x 2 ranks; losses equal to `--ranks 4` (threads);
 #                  EP groups inside the hosts at EP 2, node-local ranks 0,1 per host
 #   ep2_span       EP 2 with parallel.ep_span_hosts: each EP group on both hosts
+#                  (other EP groups than the threads' {0,1},{2,3}: dropless with a
+#                  per-rank aux loss, so the losses do not depend on the grouping)
 #   resume         checkpoint on 2 hosts x 2 ranks (EP 2 x DP 2), resume on
 #                  1 host x 2 ranks (EP 2); losses equal to threads doing the same
 #   host_killed    every process of host 2 SIGKILLed mid-run, or
@@ -53,7 +55,7 @@ parity() {
   grep -qF "hosts: $placement" "$MH_DIR/log" || fail "placement is not 'hosts: $placement'"
   grep -qF "rank 0 (local 0) cpu, rank 1 (local 1) cpu, rank 2 (local 0) cpu, rank 3 (local 1) cpu" "$MH_DIR/log" ||
     fail "node-local ranks are not 0,1 on each host"
-  "$moe" train "$cfg" parallel.ep="$ep" train.steps=12 --ranks 4 --out "$MH_DIR/thread_run" >"$MH_DIR/tlog" 2>&1 ||
+  "$moe" train "$cfg" parallel.ep="$ep" train.steps=12 "$@" --ranks 4 --out "$MH_DIR/thread_run" >"$MH_DIR/tlog" 2>&1 ||
     fail "the thread run failed: $(tail -5 "$MH_DIR/tlog")"
   same_losses "$MH_DIR/hosts_run" "$MH_DIR/thread_run"
 }
@@ -133,7 +135,7 @@ fault() {
 case "$scenario" in
   ep2_dp2) parity 2 "2 hosts x 2 ranks per host; EP group 0: ranks 0,1 on host1; EP group 1: ranks 2,3 on host2" ;;
   ep2_span) parity 2 "2 hosts x 2 ranks per host; EP group 0: ranks 0,2 on host1+host2; EP group 1: ranks 1,3 on host1+host2" \
-              parallel.ep_span_hosts=true ;;
+              parallel.ep_span_hosts=true moe.capacity_factor=0 moe.aux_loss_scope=local ;;
   ep4) parity 4 "2 hosts x 2 ranks per host; EP group 0: ranks 0,1,2,3 on host1+host2" ;;
   resume) resume ;;
   host_killed) fault kill ;;
