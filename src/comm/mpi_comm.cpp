@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "moe/comm/launch.h"
+#include "moe/comm/mesh.h"
 #include "moe/core/error.h"
 #include "moe/core/log.h"
 
@@ -202,15 +203,9 @@ std::string MpiComm::processor_name() {
 }
 
 std::vector<std::string> MpiComm::host_names() {
-  const std::string name = processor_name();
-  torch::Tensor mine = torch::zeros({1, MPI_MAX_PROCESSOR_NAME}, torch::kUInt8);
-  std::memcpy(mine.data_ptr(), name.data(), name.size());
-  torch::Tensor all = all_gather(mine).contiguous();
+  const HostMap map = gather_hosts(*this);
   std::vector<std::string> hosts;
-  for (int r = 0; r < size_; ++r) {
-    const char* row = reinterpret_cast<const char*>(all.data_ptr<uint8_t>()) + r * MPI_MAX_PROCESSOR_NAME;
-    hosts.emplace_back(row, strnlen(row, MPI_MAX_PROCESSOR_NAME));
-  }
+  for (int h : map.host_of_rank) hosts.push_back(map.names[h]);
   return hosts;
 }
 
