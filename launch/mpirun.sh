@@ -49,7 +49,6 @@ ARGS+=(--hostfile "$HOSTFILE" --mca pml ob1 --mca plm_rsh_no_tree_spawn 1
        --mca oob_tcp_keepalive_time 10 --mca oob_tcp_keepalive_intvl 2 --mca oob_tcp_keepalive_probes 3)
 [ -n "$IFACE" ] && ARGS+=(--mca btl_tcp_if_include "$IFACE" --mca oob_tcp_if_include "$IFACE")
 [ -n "$RSH_AGENT" ] && ARGS+=(--mca plm_rsh_agent "$RSH_AGENT")
-[ -n "${MOE_MPIRUN_BTL:-}" ] && ARGS+=(--mca btl "$MOE_MPIRUN_BTL")
 
 # Supervise mpirun: after MPI_Abort mpirun waits for every daemon to confirm
 # its ranks are gone, and a daemon on an unreachable host never answers (it
