@@ -13,7 +13,8 @@
 # The bridge and every veth live inside h0, so nothing is added to the
 # machine's own network namespace and deleting the namespaces removes all of
 # it. Namespace names carry this shell's pid, so runs in parallel (ctest -j)
-# do not collide, and teardown touches only what this run made.
+# do not collide, teardown touches only what this run made, and a later run
+# removes those of a run whose shell died before its trap could.
 # Exit code 77 (ctest SKIP_RETURN_CODE) where namespaces cannot be made.
 
 MH_ID="moemh$$"
@@ -29,11 +30,24 @@ mh_skip() {
   exit 77
 }
 
+# Namespaces of an earlier run of this harness whose shell is gone (killed
+# before its trap ran, e.g. by a ctest timeout): their processes and them.
+mh_reap_stale() {
+  local ns pid p
+  for ns in $(ip netns list 2>/dev/null | grep -oE '^moemh[0-9]+-h[0-9]+'); do
+    pid="${ns#moemh}"; pid="${pid%%-*}"
+    kill -0 "$pid" 2>/dev/null && continue
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+    ip netns delete "$ns" 2>/dev/null
+  done
+}
+
 mh_setup() {
   MH_HOSTS="$1"
   command -v ip >/dev/null || mh_skip "the 'ip' command (iproute2) is missing"
   command -v unshare >/dev/null || mh_skip "the 'unshare' command (util-linux) is missing"
   [ "$(id -u)" -eq 0 ] || mh_skip "not root"
+  mh_reap_stale
   ip netns add "$(mh_ns 0)" 2>"$MH_DIR/netns.err" || mh_skip "ip netns add failed: $(cat "$MH_DIR/netns.err")"
   MH_MADE+=("$(mh_ns 0)")
   local h0
