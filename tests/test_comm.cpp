@@ -3,9 +3,11 @@
 // with --gtest_filter=Mpi* under mpirun); mesh tests; fault tests.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <mutex>
 #include <thread>
 
 #include "moe/comm/communicator.h"
@@ -307,7 +309,8 @@ TEST_P(MeshLayout, GroupsFollowTheDocumentedRankOrder) {
     const int r = world.rank();
     EXPECT_EQ(mesh.ep_rank(), r % mc.ep);
     EXPECT_EQ(mesh.dp_rank(), r / mc.ep);
-    EXPECT_EQ(ProcessMesh::world_rank_of(mesh.ep_rank(), mesh.dp_rank(), mc.ep), r);
+    EXPECT_EQ(mesh.world_rank_at(mesh.ep_rank(), mesh.dp_rank()), r);
+    EXPECT_FALSE(mesh.ep_spans_hosts());  // thread ranks: one host
     EXPECT_EQ(mesh.ep_group().size(), mc.ep);
     EXPECT_EQ(mesh.ep_group().rank(), mesh.ep_rank());
     EXPECT_EQ(mesh.expert_dp_group().size(), mc.dp);
@@ -329,6 +332,70 @@ INSTANTIATE_TEST_SUITE_P(Layouts, MeshLayout,
                            return "w" + std::to_string(i.param.world) + "_ep" +
                                   std::to_string(i.param.ep) + "_dp" + std::to_string(i.param.dp);
                          });
+
+// Hosts simulated on thread ranks: which world ranks end up in each group.
+struct Placement {
+  std::vector<std::vector<int64_t>> ep_groups, expert_dp_groups;
+  bool spans = false;
+  std::string described;
+};
+Placement place(const std::vector<int>& host_of_rank, int ep, bool span) {
+  const int W = static_cast<int>(host_of_rank.size());
+  Placement p;
+  p.ep_groups.resize(W / ep);
+  p.expert_dp_groups.resize(ep);
+  std::mutex m;
+  run_ranks(W, 20.0, [&](Communicator& world) {
+    HostMap hosts{host_of_rank, {}};
+    for (int h = 0; h <= *std::max_element(host_of_rank.begin(), host_of_rank.end()); ++h)
+      hosts.names.push_back("node" + std::to_string(h));
+    ProcessMesh mesh(world, ep, W / ep, span, hosts);
+    torch::Tensor me = torch::full({1}, world.rank(), torch::kInt64);
+    torch::Tensor ep_members = mesh.ep_group().all_gather(me);
+    torch::Tensor dp_members = mesh.expert_dp_group().all_gather(me);
+    std::lock_guard<std::mutex> lock(m);
+    p.ep_groups[mesh.dp_rank()] = std::vector<int64_t>(ep_members.data_ptr<int64_t>(),
+                                                       ep_members.data_ptr<int64_t>() + ep);
+    p.expert_dp_groups[mesh.ep_rank()] = std::vector<int64_t>(
+        dp_members.data_ptr<int64_t>(), dp_members.data_ptr<int64_t>() + W / ep);
+    p.spans = mesh.ep_spans_hosts();
+    if (world.rank() == 0) p.described = mesh.describe();
+  });
+  return p;
+}
+using Groups = std::vector<std::vector<int64_t>>;
+
+TEST(MeshPlacement, EpGroupsStayInsideHostsWhenRanksAlternate) {
+  // mpirun --map-by node: ranks 0,2 on node0, ranks 1,3 on node1.
+  Placement p = place({0, 1, 0, 1}, 2, false);
+  EXPECT_EQ(p.ep_groups, (Groups{{0, 2}, {1, 3}}));
+  EXPECT_EQ(p.expert_dp_groups, (Groups{{0, 1}, {2, 3}}));
+  EXPECT_FALSE(p.spans);
+  EXPECT_EQ(p.described,
+            "2 hosts x 2 ranks per host; EP group 0: ranks 0,2 on node0; EP group 1: ranks 1,3 on "
+            "node1");
+}
+
+TEST(MeshPlacement, PackedRanksKeepTheRankOrder) {
+  Placement p = place({0, 0, 1, 1}, 2, false);
+  EXPECT_EQ(p.ep_groups, (Groups{{0, 1}, {2, 3}}));
+  EXPECT_FALSE(p.spans);
+}
+
+TEST(MeshPlacement, SpanHostsPutsEachEpGroupAcrossHosts) {
+  Placement p = place({0, 0, 1, 1}, 2, true);
+  EXPECT_EQ(p.ep_groups, (Groups{{0, 2}, {1, 3}}));
+  EXPECT_TRUE(p.spans);
+  EXPECT_EQ(p.described,
+            "2 hosts x 2 ranks per host; EP group 0: ranks 0,2 on node0+node1; EP group 1: ranks "
+            "1,3 on node0+node1");
+}
+
+TEST(MeshPlacement, EpLargerThanAHostSpans) {
+  Placement p = place({0, 0, 1, 1}, 4, false);
+  EXPECT_EQ(p.ep_groups, (Groups{{0, 1, 2, 3}}));
+  EXPECT_TRUE(p.spans);
+}
 
 TEST(MeshLayoutErrors, WrongProductIsConfigError) {
   run_ranks(2, 10.0,
@@ -522,7 +589,8 @@ TEST(MpiConformance, Mesh) {
     ProcessMesh mesh(world, ep, world.size() / ep);
     torch::Tensor me = torch::full({1}, world.rank(), torch::kInt64);
     torch::Tensor members = mesh.ep_group().all_gather(me);
-    for (int e = 0; e < ep; ++e) EXPECT_EQ(members[e].item<int64_t>(), mesh.dp_rank() * ep + e);
+    for (int e = 0; e < ep; ++e)
+      EXPECT_EQ(members[e].item<int64_t>(), mesh.world_rank_at(e, mesh.dp_rank()));
   }
 }
 

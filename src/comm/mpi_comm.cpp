@@ -9,7 +9,10 @@
 #include <sstream>
 #include <thread>
 
+#include <unistd.h>
+
 #include "moe/comm/launch.h"
+#include "moe/comm/mesh.h"
 #include "moe/core/error.h"
 #include "moe/core/log.h"
 
@@ -20,6 +23,19 @@ using Clock = std::chrono::steady_clock;
 
 bool g_initialised_here = false;
 bool g_broken = false;  // a collective failed: MPI_Finalize could hang
+
+// Liveness probes: a duplicate of MPI_COMM_WORLD on which every rank answers
+// "are you there?" while it waits in a collective, so a rank whose collective
+// timed out can name the peers that are gone (dead host, cut link) instead of
+// "a peer in this group". Pings and answers never mix with collective traffic.
+MPI_Comm g_probe_comm = MPI_COMM_NULL;
+constexpr int kPingTag = 1, kPongTag = 2;
+// How long a timed-out rank waits for its peers' answers.
+constexpr double kProbeWindowS = 2.0;
+// How long a rank whose collective failed waits before MPI_Abort (see abort_job).
+constexpr double kReportWindowS = 2.0;
+// The host name of every world rank (gathered once at start-up).
+std::vector<std::string> g_hosts;
 
 MPI_Comm& as_comm(void*& p) {
   return *reinterpret_cast<MPI_Comm*>(&p);
@@ -73,6 +89,80 @@ struct RowType {
 };
 
 constexpr int kTagSpace = 1 << 20;  // tags cycle through this many collectives
+
+// Answers every pending liveness ping (called from every wait loop).
+void answer_pings() {
+  if (g_probe_comm == MPI_COMM_NULL) return;
+  static char byte = 1;
+  for (;;) {
+    int flag = 0;
+    MPI_Status st;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, kPingTag, g_probe_comm, &flag, &st) != MPI_SUCCESS || !flag) return;
+    char in = 0;
+    MPI_Recv(&in, 1, MPI_CHAR, st.MPI_SOURCE, kPingTag, g_probe_comm, MPI_STATUS_IGNORE);
+    MPI_Request r;
+    if (MPI_Isend(&byte, 1, MPI_CHAR, st.MPI_SOURCE, kPongTag, g_probe_comm, &r) == MPI_SUCCESS)
+      MPI_Request_free(&r);
+  }
+}
+
+std::string rank_and_host(int world_rank) {
+  std::string s = "rank " + std::to_string(world_rank);
+  if (world_rank >= 0 && world_rank < static_cast<int>(g_hosts.size()))
+    s += " (" + g_hosts[world_rank] + ")";
+  return s;
+}
+
+// Pings the given world ranks and waits up to kProbeWindowS for their
+// answers (answering others' pings meanwhile). Returns those that did not answer.
+std::vector<int> unanswered_pings(const std::vector<int>& world_ranks) {
+  if (g_probe_comm == MPI_COMM_NULL) return {};
+  static char ping = 1;
+  std::vector<char> pong(world_ranks.size(), 0);
+  std::vector<MPI_Request> recvs(world_ranks.size(), MPI_REQUEST_NULL);
+  for (size_t i = 0; i < world_ranks.size(); ++i) {
+    MPI_Request r;
+    if (MPI_Isend(&ping, 1, MPI_CHAR, world_ranks[i], kPingTag, g_probe_comm, &r) == MPI_SUCCESS)
+      MPI_Request_free(&r);
+    MPI_Irecv(&pong[i], 1, MPI_CHAR, world_ranks[i], kPongTag, g_probe_comm, &recvs[i]);
+  }
+  std::vector<bool> answered(world_ranks.size(), false);
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(kProbeWindowS));
+  size_t left = world_ranks.size();
+  while (left > 0 && Clock::now() < deadline) {
+    for (size_t i = 0; i < recvs.size(); ++i) {
+      if (answered[i]) continue;
+      int done = 0;
+      if (MPI_Test(&recvs[i], &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && done) {
+        answered[i] = true;
+        --left;
+      }
+    }
+    answer_pings();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::vector<int> missing;
+  for (size_t i = 0; i < world_ranks.size(); ++i)
+    if (!answered[i]) missing.push_back(world_ranks[i]);
+  return missing;  // the pending receives are left behind: the job is being aborted
+}
+
+// Ends this process with `code` if MPI_Abort has not done so within
+// kAbortWatchdogS: MPI_Abort goes through this host's daemon to mpirun, and
+// when mpirun is unreachable (this host was cut off) it never returns.
+constexpr int kAbortWatchdogS = 5;
+void start_abort_watchdog(int code) {
+  std::thread([code] {
+    std::this_thread::sleep_for(std::chrono::seconds(kAbortWatchdogS));
+    static const char msg[] =
+        "MPI_Abort did not end this rank within 5 s (mpirun unreachable from this host): "
+        "exiting\n";
+    ssize_t ignored = ::write(2, msg, sizeof msg - 1);
+    (void)ignored;
+    std::_Exit(code);
+  }).detach();
+}
 }  // namespace
 
 static_assert(sizeof(MPI_Comm) <= sizeof(void*), "MPI_Comm must fit in a pointer");
@@ -94,7 +184,29 @@ std::unique_ptr<MpiComm> MpiComm::world(double timeout_s) {
   void* p = nullptr;
   MPI_Comm c = MPI_COMM_WORLD;
   std::memcpy(&p, &c, sizeof c);
-  return std::unique_ptr<MpiComm>(new MpiComm(p, timeout_s, false));
+  std::unique_ptr<MpiComm> w(new MpiComm(p, timeout_s, false));
+  if (g_probe_comm == MPI_COMM_NULL) {
+    w->do_barrier();  // MPI_Comm_dup blocks without a timeout: a barrier with one first
+    if (MPI_Comm_dup(MPI_COMM_WORLD, &g_probe_comm) != MPI_SUCCESS)
+      MOE_THROW(CommError, "MPI_Comm_dup of the world (liveness probes) failed");
+    MPI_Comm_set_errhandler(g_probe_comm, MPI_ERRORS_RETURN);
+    g_hosts = w->host_names();
+  }
+  return w;
+}
+
+std::string MpiComm::processor_name() {
+  char name[MPI_MAX_PROCESSOR_NAME] = {};
+  int len = 0;
+  MPI_Get_processor_name(name, &len);
+  return std::string(name, static_cast<size_t>(len));
+}
+
+std::vector<std::string> MpiComm::host_names() {
+  const HostMap map = gather_hosts(*this);
+  std::vector<std::string> hosts;
+  for (int h : map.host_of_rank) hosts.push_back(map.names[h]);
+  return hosts;
 }
 
 void MpiComm::finalize() {
@@ -108,7 +220,13 @@ void MpiComm::abort_job(int code) {
   int initialised = 0, finalised = 0;
   MPI_Initialized(&initialised);
   MPI_Finalized(&finalised);
-  if (initialised && !finalised) MPI_Abort(MPI_COMM_WORLD, code);
+  if (initialised && !finalised) {
+    // After a collective failed, peers that hit the same timeout a moment
+    // later are still probing: let them report theirs before MPI_Abort ends them.
+    if (g_broken) std::this_thread::sleep_for(std::chrono::duration<double>(kReportWindowS));
+    start_abort_watchdog(code);
+    MPI_Abort(MPI_COMM_WORLD, code);
+  }
   std::_Exit(code);
 }
 
@@ -151,16 +269,40 @@ void MpiComm::wait_collective(void* request_ptr, const char* op, uint64_t seq) {
     }
     if (done) return;
     if ((spins & 255) == 255) {
+      answer_pings();
       if (Clock::now() > deadline) {
         std::ostringstream why;
         why << op << " #" << seq << " did not complete within " << timeout_s_ << " s on rank "
-            << world_rank_ << ": a peer in this group of " << size_
-            << " ranks is stalled, dead, or called a different collective";
+            << world_rank_ << ": " << silent_peers() << " (group of " << size_ << " ranks)";
         fail(why.str());
       }
       std::this_thread::yield();
     }
   }
+}
+
+std::string MpiComm::silent_peers() {
+  // This group's ranks as world ranks, to ping them on the world's duplicate.
+  MPI_Group group, world_group;
+  MPI_Comm_group(as_comm_c(comm_), &group);
+  MPI_Comm_group(MPI_COMM_WORLD, &world_group);
+  std::vector<int> local, world(size_);
+  for (int r = 0; r < size_; ++r)
+    if (r != rank_) local.push_back(r);
+  MPI_Group_translate_ranks(group, static_cast<int>(local.size()), local.data(), world_group,
+                            world.data());
+  MPI_Group_free(&group);
+  MPI_Group_free(&world_group);
+  world.resize(local.size());
+  std::vector<int> missing = unanswered_pings(world);
+  std::ostringstream os;
+  if (missing.empty())
+    return "every peer answers a liveness probe, so one is stalled in computation or called a "
+           "different collective";
+  for (size_t i = 0; i < missing.size(); ++i) os << (i ? ", " : "") << rank_and_host(missing[i]);
+  os << (missing.size() == 1 ? " does" : " do") << " not answer a liveness probe within "
+     << kProbeWindowS << " s: dead, stopped, or its host is cut off";
+  return os.str();
 }
 
 void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int64_t>& send_rows,
@@ -262,6 +404,7 @@ void MpiComm::do_all_to_all_v(const torch::Tensor& input, const std::vector<int6
       }
     }
     if (remaining > 0 && (spins & 255) == 255) {
+      answer_pings();
       if (Clock::now() > deadline) {
         std::ostringstream why;
         bool first = true;

@@ -390,6 +390,9 @@ const std::vector<Field>& schema() {
     v.push_back(float_field("parallel", "grad_bucket_mb", &C::parallel,
                             &ParallelConfig::grad_bucket_mb, 0.0, 4096.0, true,
                             "gradient all-reduce bucket size (MiB)"));
+    v.push_back(bool_field("parallel", "ep_span_hosts", &C::parallel, &ParallelConfig::ep_span_hosts,
+                           "EP groups across hosts (default: inside a host when ep divides the "
+                           "ranks per host)"));
     // train
     v.push_back(
         int_field("train", "steps", &C::train, &TrainConfig::steps, 1, kIntMax, "optimizer steps"));

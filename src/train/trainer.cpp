@@ -126,13 +126,13 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
   const int64_t rss_at_start = current_rss_bytes();
   const ParallelLayout layout = resolve_layout(cfg, world.size());
   comm::check_world_consistency(world, config_hash(cfg));
-  comm::ProcessMesh mesh(world, layout.ep, layout.dp);
+  comm::ProcessMesh mesh(world, layout.ep, layout.dp, cfg.parallel.ep_span_hosts);
   const bool lead = world.rank() == 0;
   const auto& t = cfg.train;
   const int W = world.size();
 
-  const torch::Device device =
-      comm::select_device(cfg.parallel.device, comm::node_local_rank(world));
+  const int local_rank = comm::node_local_rank(world);
+  const torch::Device device = comm::select_device(cfg.parallel.device, local_rank);
   comm::bind_device(device);
   const MemoryEstimate memory = estimate_memory(cfg, W);
   if (t.memory_guard) check_memory_fits(world, cfg, device, memory);
@@ -175,17 +175,21 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
                   << layout.ep << " x dp " << layout.dp << "; global batch "
                   << W * t.batch * t.grad_accum << " sequences = " << tokens_per_step
                   << " tokens/step; data: " << data->describe();
+    MOE_LOG(Info) << "hosts: " << mesh.describe();
     MOE_LOG(Info) << "memory per rank (estimate): " << describe_memory(memory);
   }
   {
-    // Rank 0 names every rank's device (-1 = CPU).
-    torch::Tensor mine = torch::tensor({static_cast<int64_t>(device.is_cuda() ? device.index() : -1)});
+    // Rank 0 names every rank's device (-1 = CPU) and node-local rank (which picks the GPU).
+    torch::Tensor mine = torch::tensor({static_cast<int64_t>(device.is_cuda() ? device.index() : -1),
+                                        static_cast<int64_t>(local_rank)})
+                             .reshape({1, 2});
     torch::Tensor all = world.all_gather(mine);
     if (lead && !opts.quiet) {
       std::ostringstream os;
       for (int r = 0; r < W; ++r) {
-        const int64_t d = all[r].item<int64_t>();
-        os << (r ? ", " : "") << "rank " << r << " " << (d < 0 ? "cpu" : "cuda:" + std::to_string(d));
+        const int64_t d = all[r][0].item<int64_t>();
+        os << (r ? ", " : "") << "rank " << r << " (local " << all[r][1].item<int64_t>() << ") "
+           << (d < 0 ? "cpu" : "cuda:" + std::to_string(d));
       }
       MOE_LOG(Info) << "devices: " << os.str() << " (rank 0: " << comm::describe_device(device)
                     << "); compute dtype " << enum_name(t.dtype);

@@ -6,7 +6,9 @@
 // collectives use MPI's non-blocking collectives, polled until done or the
 // timeout passes. After a CommError the communicator is broken: the program
 // aborts the MPI job (mpirun exits non-zero) instead of hanging in
-// MPI_Finalize.
+// MPI_Finalize. A collective that times out pings its peers (every rank
+// answers pings while it waits) and names those that do not answer, with
+// their host: "rank 2 (node7) does not answer a liveness probe".
 #pragma once
 #include "moe/comm/communicator.h"
 
@@ -34,6 +36,12 @@ class MpiComm : public Communicator {
   // MPI_COMM_TYPE_SHARED). Collective over this communicator.
   int shared_memory_rank();
 
+  // This process's host name (MPI_Get_processor_name).
+  static std::string processor_name();
+  // The host name (MPI_Get_processor_name) of every rank of this
+  // communicator, by rank. Collective.
+  std::vector<std::string> host_names();
+
   // The raw MPI_Alltoallv over the same buffers, for `moe bench comm`.
   void raw_alltoallv(const torch::Tensor& input, torch::Tensor& output,
                      const std::vector<int64_t>& send_rows, const std::vector<int64_t>& recv_rows);
@@ -53,6 +61,9 @@ class MpiComm : public Communicator {
   explicit MpiComm(void* comm, double timeout_s, bool owned);
   void wait_collective(void* request, const char* op, uint64_t seq);
   [[noreturn]] void fail(const std::string& reason);
+  // After a timeout: which peers of this group do not answer a liveness
+  // probe (named with their host), for the error message.
+  std::string silent_peers();
 
   void* comm_;  // MPI_Comm (kept opaque so this header does not need mpi.h)
   bool owned_;

@@ -124,6 +124,7 @@ struct ParallelConfig {
   int64_t dp = 0;
   double timeout_s = 60.0;
   double grad_bucket_mb = 25.0;
+  bool ep_span_hosts = false;
 };
 
 struct TrainConfig {
