@@ -2,7 +2,6 @@
 // sampling (`moe generate`), and Hugging Face Mixtral export / import checked
 // against an independent Python reference (tests/hf_mixtral_reference.py).
 #include <gtest/gtest.h>
-#include <torch/optim/adamw.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -67,8 +66,7 @@ torch::Tensor run_logits(const std::string& run_dir, const torch::Tensor& tokens
   comm::run_ranks(1, 60.0, [&](comm::Communicator& world) {
     comm::ProcessMesh mesh(world, 1, 1);
     TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(cfg.train.seed));
-    torch::optim::AdamW unused(model.parameters(), torch::optim::AdamWOptions(1e-3));
-    load_checkpoint(run_dir, model, unused, mesh, cfg);
+    load_checkpoint(run_dir, model, nullptr, mesh, cfg);
     torch::NoGradGuard ng;
     logits = model.forward(tokens, /*training=*/false).logits;
   });

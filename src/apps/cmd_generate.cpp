@@ -1,7 +1,6 @@
 // `moe generate RUN_DIR --prompt TEXT [--tokens N] [--temperature T] [--top-k K] [--seed S]`:
 // samples from the newest checkpoint of a run, on one rank (a checkpoint
 // saved at any EP size loads at EP 1: experts are keyed globally).
-#include <torch/optim/adamw.h>
 
 #include <cstdio>
 #include <iostream>
@@ -75,8 +74,7 @@ int run_generate(const GenerateArgs& args) {
     comm::bind_device(device);
     TransformerLM model(cfg, mesh.ep_group(), static_cast<uint64_t>(cfg.train.seed));
     model.to_device(device);
-    torch::optim::AdamW unused(model.parameters(), torch::optim::AdamWOptions(1e-3));
-    load_checkpoint(args.run_dir, model, unused, mesh, cfg);
+    load_checkpoint(args.run_dir, model, nullptr, mesh, cfg);
     // Echo the prompt, then stream each token as it is drawn.
     if (bytes) {
       std::cout << args.prompt << std::flush;
