@@ -324,10 +324,18 @@ int predict_sweep(const Sweep& sweep, const std::vector<Point>& points,
     const double gib = double(mem.total()) / 1073741824.0;
     const bool fits = hw.device_memory_gib <= 0 || gib <= hw.device_memory_gib;
     const double a2a_share = pr.step_ms > 0 ? pr.all_to_all_ms / pr.step_ms : 0.0;
+    // Why a point does not fit: the estimate's parts (train.zero shrinks the
+    // AdamW state, train.recompute the activations).
+    char why[200] = "";
+    if (!fits)
+      std::snprintf(why, sizeof why,
+                    "  (exceeds %.0f GiB: params %.1f + grads %.1f + AdamW %.1f + activations %.1f)",
+                    hw.device_memory_gib, double(mem.params) / 1073741824.0,
+                    double(mem.grads) / 1073741824.0, double(mem.optimizer) / 1073741824.0,
+                    double(mem.activations) / 1073741824.0);
     std::printf("%-34s %6d %5d %5d %11.1f %13.0f %5.1f%% %6.1f%% %10.1f%s\n",
                 points[i].name.c_str(), m.world, m.layout.ep, m.layout.dp, pr.step_ms,
-                pr.tokens_per_s, 100 * pr.mfu, 100 * a2a_share, gib,
-                fits ? "" : "  (exceeds device memory)");
+                pr.tokens_per_s, 100 * pr.mfu, 100 * a2a_share, gib, why);
     if (hw.ranks_per_node > 0 && m.world > hw.ranks_per_node && !hw.has_inter_node)
       std::printf("%-34s note: %d ranks exceed the profile's %d per node and it has no "
                   "inter_node link; the intra-node one was used\n",
