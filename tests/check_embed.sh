@@ -4,7 +4,7 @@
 # then builds examples/embed against that prefix alone (find_package(moe))
 # and runs it: one MoELayer in a user's LibTorch loop on two thread ranks.
 set -euo pipefail
-build="$1"; src="$2"; shift 2
+build="$(cd "$1" && pwd)"; src="$(cd "$2" && pwd)"; shift 2
 prefix="$build/embed-install"; ebuild="$build/embed-build"
 rm -rf "$prefix" "$ebuild"
 cmake --install "$build" --prefix "$prefix" >/dev/null

@@ -67,7 +67,7 @@ void run_rank(moe::comm::Communicator& world, Result& result) {
     for (auto& p : experts) p.mutable_grad().div_(world.size());
     opt.step();
 
-    torch::Tensor mean_loss = loss.detach().clone();
+    torch::Tensor mean_loss = loss.detach().reshape({1});  // collectives take tensors of rank >= 1
     world.all_reduce(mean_loss, moe::comm::ReduceOp::Avg);
     if (step == 0) result.first_loss = mean_loss.item<float>();
     result.last_loss = mean_loss.item<float>();
@@ -82,8 +82,13 @@ void run_rank(moe::comm::Communicator& world, Result& result) {
 
 int main() {
   std::vector<Result> results(kRanks);
-  moe::comm::run_ranks(kRanks, /*timeout_s=*/60,
-                       [&](moe::comm::Communicator& world) { run_rank(world, results[world.rank()]); });
+  try {
+    moe::comm::run_ranks(kRanks, /*timeout_s=*/60,
+                         [&](moe::comm::Communicator& world) { run_rank(world, results[world.rank()]); });
+  } catch (const std::exception& e) {  // moe's errors name the rank, the operation and file:line
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
   const Result& r0 = results[0];
   bool learned = r0.last_loss < 0.5f * r0.first_loss;
   bool same = torch::equal(results[0].replicated, results[1].replicated);
