@@ -70,15 +70,16 @@ launch() {  # launch DIR [--resume]: starts training in the background; sets $pi
 # --- the uninterrupted reference --------------------------------------------
 t0=$(date +%s%N)
 launch "$ref"
+# Start-up: from launch to the first checkpoint (the window "start" kills aim at).
+while kill -0 "$pid" 2>/dev/null && [ "$(newest_step "$ref")" -lt 1 ]; do sleep 0.01; done
+start_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 wait "$pid" || { echo "soak: the reference run failed (log: $ref.log)" >&2; tail -20 "$ref.log" >&2; exit 1; }
 ref_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-# Startup (process start to first step) and step times from the reference, in ms.
 step_ms=$(/usr/bin/python3 -c '
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 ms = sorted(r["step_ms"] for r in rows)
 print(max(1, int(ms[len(ms) // 2])))' "$ref/metrics.jsonl")
-start_ms=$(( ref_ms - steps * step_ms )); [ "$start_ms" -gt 100 ] || start_ms=100
 
 # --- the killed and resumed run ------------------------------------------------
 RANDOM=$seed
@@ -92,7 +93,7 @@ for target in "${targets[@]}"; do
   moments=(start step ckpt); moment=${moments[$((RANDOM % 3))]}
   frac=$((RANDOM % 1000))
   if [ "$moment" = start ]; then
-    # Within 80% of the reference's start-up: the run cannot have finished yet.
+    # Within 80% of the reference's start-up (launch to first checkpoint).
     sleep "$(awk -v a="$start_ms" -v f="$frac" 'BEGIN{printf "%.3f", 0.8*a*f/1e6}')"
   else
     while kill -0 "$pid" 2>/dev/null && [ "$(newest_step "$run")" -lt "$target" ]; do sleep 0.01; done
@@ -144,7 +145,7 @@ for f in "${files[@]}"; do
   cmp -s "$f" "$run/checkpoints/$last/${f##*/}" || { echo "soak: $last/${f##*/} differs" >&2; result=1; }
 done
 verdict=$([ $result -eq 0 ] && echo "bitwise equal" || echo "DIFFERENT")
-echo "soak: ${launcher[*]:-threads (--ranks 2)}: $steps steps, $done_kills kills (start ${by_moment[start]}, step ${by_moment[step]}, ckpt ${by_moment[ckpt]}), $hit_ckpt hit a checkpoint write; final parameters and loss trajectory: $verdict (reference ${ref_ms} ms, step ${step_ms} ms; seed $seed)"
+echo "soak: ${launcher[*]:-threads (--ranks 2)}: $steps steps, $done_kills kills (start ${by_moment[start]}, step ${by_moment[step]}, ckpt ${by_moment[ckpt]}), $hit_ckpt hit a checkpoint write; final parameters and loss trajectory: $verdict (reference ${ref_ms} ms, start-up ${start_ms} ms, step ${step_ms} ms; seed $seed)"
 if [ $result -eq 0 ] && [ $cleanup -eq 1 ]; then rm -rf "$work"; fi
 [ $result -eq 0 ] || echo "soak: logs and runs kept in $work" >&2
 exit $result
