@@ -97,6 +97,9 @@ for target in "${targets[@]}"; do
     sleep "$(awk -v a="$start_ms" -v f="$frac" 'BEGIN{printf "%.3f", 0.8*a*f/1e6}')"
   else
     while kill -0 "$pid" 2>/dev/null && [ "$(newest_step "$run")" -lt "$target" ]; do sleep 0.01; done
+    # The process tree is complete once a checkpoint exists: list it now, so
+    # the kill itself is one system call after the moment.
+    victims=("$pid" $(descendants "$pid"))
     if [ "$moment" = step ]; then
       sleep "$(awk -v a="$step_ms" -v f="$frac" 'BEGIN{printf "%.3f", a*f/1e6}')"
     else
@@ -108,7 +111,7 @@ for target in "${targets[@]}"; do
     wait "$pid" || { echo "soak: run failed before kill $((done_kills + 1)) (log: $run.log)" >&2; tail -20 "$run.log" >&2; exit 1; }
     break
   fi
-  victims=("$pid" $(descendants "$pid"))
+  [ "$moment" = start ] && victims=("$pid" $(descendants "$pid"))
   kill -KILL "${victims[@]}" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   for v in "${victims[@]}"; do while kill -0 "$v" 2>/dev/null; do sleep 0.01; done; done
