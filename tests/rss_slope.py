@@ -92,6 +92,12 @@ def main():
           "RSS %.1f MiB after warm-up -> %.1f MiB at the end (%+.1f MiB); peak %.1f MiB"
           % (steps, fit[0][0], fit[-1][0], n, slope, max(first) / 1024, max(last) / 1024,
              (max(last) - max(first)) / 1024, max(r for _, r in samples) / 1024))
+    marks = []
+    for q in (0.25, 0.5, 0.75, 1.0):
+        target = fit[0][0] + q * (fit[-1][0] - fit[0][0])
+        s, r = min(fit, key=lambda sr: (abs(sr[0] - target), -sr[1]))
+        marks.append("step %d: %.1f MiB" % (s, r / 1024))
+    print("rss_slope: " + ", ".join(marks))
     if args.max_kib_per_step is not None and slope > args.max_kib_per_step:
         print("rss_slope: slope %.2f KiB/step is above %.2f" % (slope, args.max_kib_per_step))
         return 1
