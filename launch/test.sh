@@ -75,8 +75,8 @@ run_logged() {
   echo "[test]   $name: ok ($(grep -m1 -oE '[0-9]+ tests? from [0-9]+ test (suites?|cases?) ran' "$log" || echo ran), $((SECONDS - t0))s)"
 }
 # Slow end-to-end cases the plain stage covers; the sanitizer stages skip them
-# (their code paths run in the faster cases). CostModel.MemoryEstimate... and
-# TrainMemory compare RSS, which ASan's shadow memory inflates.
+# (their code paths run in the faster cases). CostModel.MemoryEstimate...
+# compares peak RSS with an estimate, which ASan's shadow memory defeats.
 ASAN_SKIP="Mpi*:Sweep.*:TrainCli.Prune*:TrainCli.Upcycled*:CostModel.MemoryEstimateMatchesPeakRssGrowth:DeviceBf16.FiftyStepsOfTinyStayCloseToFloat32"
 asan_stage() {
   local dir="$ROOT/build-asan" b="$ROOT/build-asan/bin"
