@@ -77,7 +77,10 @@ run_logged() {
 # Slow end-to-end cases the plain stage covers; the sanitizer stages skip them
 # (their code paths run in the faster cases). CostModel.MemoryEstimate...
 # compares peak RSS with an estimate, which ASan's shadow memory defeats.
-ASAN_SKIP="Mpi*:Sweep.*:TrainCli.Prune*:TrainCli.Upcycled*:CostModel.MemoryEstimateMatchesPeakRssGrowth:DeviceBf16.FiftyStepsOfTinyStayCloseToFloat32"
+# DeviceDataPath.{GatherKernelsMatchCpuLoops,LayerWithGathersMatchesLayerWithLoops}
+# hold the CPU row loops to 1e-6 of the gathers; here functions.cpp is built
+# at -O1 (see CMakeLists.txt) and they differ by up to 4.8e-6.
+ASAN_SKIP="Mpi*:Sweep.*:TrainCli.Prune*:TrainCli.Upcycled*:CostModel.MemoryEstimateMatchesPeakRssGrowth:DeviceBf16.FiftyStepsOfTinyStayCloseToFloat32:DeviceDataPath.GatherKernelsMatchCpuLoops:DeviceDataPath.LayerWithGathersMatchesLayerWithLoops"
 asan_stage() {
   local dir="$ROOT/build-asan" b="$ROOT/build-asan/bin"
   check_suppressions || return 1
