@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Configures and builds into build/ (the program lands at build/bin/moe).
 # Extra arguments go to cmake's configure step, e.g. -DMOE_SANITIZE=address.
-# BUILD_DIR and BUILD_TYPE may be set in the environment.
+# BUILD_DIR and BUILD_TYPE may be set in the environment; BUILD_TARGETS
+# (space-separated) builds only those targets (the sanitizer stages of
+# launch/test.sh build only the test binaries they run).
 #
 # Which LibTorch:
 #   TORCH_DIR=...   a LibTorch to use: a torch package folder (site-packages/torch),
@@ -58,7 +60,9 @@ else
 fi
 
 cmake -S "$ROOT" -B "$BUILD_DIR" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE="$BUILD_TYPE" "${TORCH_ARGS[@]}" "$@"
-cmake --build "$BUILD_DIR" -j "$JOBS"
+TARGET_ARGS=()
+if [ -n "${BUILD_TARGETS:-}" ]; then read -r -a TARGET_ARGS <<<"$BUILD_TARGETS"; TARGET_ARGS=(--target "${TARGET_ARGS[@]}"); fi
+cmake --build "$BUILD_DIR" -j "$JOBS" "${TARGET_ARGS[@]}"
 cache_val() { sed -n "s/^$1:[A-Z]*=//p" "$BUILD_DIR/CMakeCache.txt" | head -1; }
 echo "[build] LibTorch: $TORCH_CHOICE (Torch_DIR=$(cache_val Torch_DIR))"
 if [ -f "$BUILD_DIR/moe-configure-summary.txt" ]; then

@@ -5,6 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
+  dpkg-dev file           # cpack -G DEB: dpkg-shlibdeps, file
   libtorch-dev            # tensors, autograd, optimizers (CPU LibTorch)
   libopenblas0-pthread    # without it LibTorch uses the reference BLAS: ~20x slower GEMMs
   libyaml-cpp-dev         # config files

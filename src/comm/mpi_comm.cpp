@@ -72,11 +72,15 @@ MPI_Datatype mpi_type(c10::ScalarType t) {
 
 // A contiguous datatype of one row, so counts are rows (no 2 GiB byte limit).
 // Cached per row size: the MoE layer exchanges the same row size every step.
+// Freed by MpiComm::finalize (LeakSanitizer reported them otherwise).
+std::map<int64_t, MPI_Datatype>& row_type_cache() {
+  static std::map<int64_t, MPI_Datatype> cache;  // calls are serialised per process (MPI_THREAD_SERIALIZED)
+  return cache;
+}
 struct RowType {
   MPI_Datatype type = MPI_DATATYPE_NULL;
   explicit RowType(int64_t bytes) {
-    static std::map<int64_t, MPI_Datatype>
-        cache;  // calls are serialised per process (MPI_THREAD_SERIALIZED)
+    auto& cache = row_type_cache();
     auto it = cache.find(bytes);
     if (it == cache.end()) {
       MPI_Datatype t;
@@ -213,7 +217,11 @@ void MpiComm::finalize() {
   int initialised = 0, finalised = 0;
   MPI_Initialized(&initialised);
   MPI_Finalized(&finalised);
-  if (initialised && !finalised && g_initialised_here && !g_broken) MPI_Finalize();
+  if (initialised && !finalised && g_initialised_here && !g_broken) {
+    for (auto& [bytes, type] : row_type_cache()) MPI_Type_free(&type);
+    row_type_cache().clear();
+    MPI_Finalize();
+  }
 }
 
 void MpiComm::abort_job(int code) {

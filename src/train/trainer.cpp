@@ -29,6 +29,33 @@
 
 namespace moe {
 
+namespace {
+// On resume, metrics.jsonl keeps only the steps up to the checkpoint: a run
+// killed after writing a step's line but before its checkpoint (or in the
+// middle of a line) would otherwise repeat steps or glue the next line onto
+// a torn one. Then a resumed run's file equals an uninterrupted run's.
+void truncate_metrics(const std::string& path, int64_t last_step) {
+  std::ifstream in(path);
+  if (!in) return;  // resuming into a new --out directory
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.contains("step") || !j["step"].is_number_integer()) break;
+    if (j["step"].get<int64_t>() > last_step) break;
+    kept += line + "\n";
+  }
+  in.close();
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << kept;
+    if (!out) MOE_THROW(DataError, "cannot write '" << tmp << "'");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    MOE_THROW(DataError, "cannot rename '" << tmp << "' to '" << path << "'");
+}
+}  // namespace
+
 double learning_rate(const TrainConfig& t, int64_t step) {
   if (t.warmup > 0 && step < t.warmup) return t.lr * double(step + 1) / double(t.warmup);
   const double floor = t.lr * t.min_lr_ratio;
@@ -157,6 +184,7 @@ TrainResult train(comm::Communicator& world, const Config& cfg, const TrainOptio
     std::string error = make_directories(opts.out_dir);
     if (!error.empty()) MOE_THROW(DataError, error);
     std::ofstream(opts.out_dir + "/config.yaml") << dump_config(cfg);
+    if (start_step > 0) truncate_metrics(opts.out_dir + "/metrics.jsonl", start_step);
     metrics.open(opts.out_dir + "/metrics.jsonl", start_step > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics) MOE_THROW(DataError, "cannot write '" << opts.out_dir << "/metrics.jsonl'");
   }
