@@ -16,6 +16,7 @@
 #include <moe/comm/thread_comm.h>
 #include <moe/config/config.h>
 #include <moe/moe/moe_layer.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <cstdio>
@@ -40,8 +41,13 @@ void run_rank(moe::comm::Communicator& world, Result& result) {
   cfg.d_expert = 32;
   cfg.capacity_factor = 0;  // dropless
 
-  torch::manual_seed(1);  // the same replicated weights on every rank
+  // The same replicated weights on every rank: the rank threads share
+  // LibTorch's global generator, so they seed and draw from it one at a time.
+  static std::mutex init_mutex;
+  std::unique_lock<std::mutex> init_lock(init_mutex);
+  torch::manual_seed(1);
   torch::nn::Linear in(kD, kD), out(kD, kD);
+  init_lock.unlock();
   moe::MoELayer layer(cfg, kD, world, /*seed=*/7);
 
   std::vector<torch::Tensor> replicated, experts = {layer.w1, layer.w3, layer.w2};
@@ -53,11 +59,12 @@ void run_rank(moe::comm::Communicator& world, Result& result) {
   torch::optim::Adam opt(all, torch::optim::AdamOptions(3e-3));
 
   // The target: a fixed map the ranks agree on; each rank its own inputs.
-  torch::manual_seed(2);
-  torch::Tensor a = torch::randn({kD, kD}) / 4;
-  torch::manual_seed(100 + rank);
+  // (Generators of their own: draws from the shared global one would interleave.)
+  at::Generator target_gen = at::detail::createCPUGenerator(2);
+  torch::Tensor a = torch::randn({kD, kD}, target_gen) / 4;
+  at::Generator data_gen = at::detail::createCPUGenerator(100 + rank);
   for (int64_t step = 0; step < kSteps; ++step) {
-    torch::Tensor x = torch::randn({kTokens, kD});
+    torch::Tensor x = torch::randn({kTokens, kD}, data_gen);
     torch::Tensor target = torch::tanh(x.mm(a)) + x;
     moe::MoEOutput m = layer.forward(in(x), /*training=*/true);
     torch::Tensor loss = torch::mse_loss(out(m.y) + x, target) + m.aux_loss + m.z_loss;
