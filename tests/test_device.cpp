@@ -303,7 +303,9 @@ TEST(DeviceBf16, CheckpointsKeepFloat32AndResumeAcrossDtypes) {
   for (const char* f : {"/shared.safetensors", "/experts.ep0.safetensors"})
     for (auto& [name, t] : read_safetensors(ckpt + f)) {
       ++tensors;
-      if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kFloat32) << name;
+      if (t.is_floating_point()) {
+        EXPECT_EQ(t.scalar_type(), torch::kFloat32) << name;
+      }
     }
   EXPECT_GT(tensors, 10);
 }

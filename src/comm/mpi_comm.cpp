@@ -220,6 +220,7 @@ void MpiComm::finalize() {
   if (initialised && !finalised && g_initialised_here && !g_broken) {
     for (auto& [bytes, type] : row_type_cache()) MPI_Type_free(&type);
     row_type_cache().clear();
+    if (g_probe_comm != MPI_COMM_NULL) MPI_Comm_free(&g_probe_comm);  // every rank finalizes
     MPI_Finalize();
   }
 }
