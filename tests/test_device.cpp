@@ -124,7 +124,9 @@ TEST(DevicePlan, TensorOpsMatchHostLoopReference) {
         EXPECT_EQ(p.peer_rows, r.peer_rows);
         EXPECT_EQ(p.dropped, r.dropped);
         EXPECT_EQ(p.send_rows, static_cast<int64_t>(r.row_token.size()));
-        if (cf == 0.5) EXPECT_GT(p.dropped, 0) << "the case should drop slots";
+        if (cf == 0.5) {
+          EXPECT_GT(p.dropped, 0) << "the case should drop slots";
+        }
       }
 }
 
@@ -170,7 +172,9 @@ TEST(DeviceDataPath, GatherKernelsMatchCpuLoops) {
       if (padded && cf > 0) {
         // Padding rows of the send buffer are zero.
         torch::Tensor pad = (plan.row_token < 0).nonzero().view({-1});
-        if (pad.numel()) EXPECT_EQ(gathers[0].index_select(0, pad).abs().sum().item<double>(), 0.0);
+        if (pad.numel()) {
+          EXPECT_EQ(gathers[0].index_select(0, pad).abs().sum().item<double>(), 0.0);
+        }
       }
     }
 }
