@@ -53,6 +53,53 @@ Clock::time_point deadline_after(double seconds) {
   return Clock::now() +
          std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
 }
+
+// all_reduce and reduce_scatter: why the peers' posts disagree with ours in
+// shape, dtype or reduce op ("" when they agree).
+std::string reduce_disagreement(const ThreadGroup& g, int me, const torch::Tensor& mine,
+                                ReduceOp reduce, const char* op, uint64_t seq) {
+  for (size_t src = 0; src < g.slots.size(); ++src) {
+    const ThreadComm::Post* p = g.slots[src].post;
+    if (p->tensor.sizes().equals(mine.sizes()) && p->tensor.scalar_type() == mine.scalar_type() &&
+        p->reduce == reduce)
+      continue;
+    std::ostringstream why;
+    why << "rank " << g.world_ranks[src] << " sent shape " << shape_str(p->tensor) << " "
+        << p->tensor.scalar_type() << " (" << reduce_op_name(p->reduce) << "), rank "
+        << g.world_ranks[me] << " expected " << shape_str(mine) << " " << mine.scalar_type()
+        << " (" << reduce_op_name(reduce) << ") (" << op << " #" << seq << ")";
+    return why.str();
+  }
+  return "";
+}
+
+// Rows [first, first + rows) of every posted tensor, reduced in rank order
+// with the same arithmetic on every rank: identical bits everywhere
+// (bf16/fp16 accumulate in float32).
+torch::Tensor reduce_in_rank_order(const ThreadGroup& g, ReduceOp reduce, int64_t first,
+                                   int64_t rows) {
+  const int n = static_cast<int>(g.slots.size());
+  auto part = [&](int src) {
+    torch::Tensor t = g.slots[src].post->tensor.narrow(0, first, rows);
+    const bool low_precision =
+        t.scalar_type() == torch::kBFloat16 || t.scalar_type() == torch::kFloat16;
+    return low_precision ? t.to(torch::kFloat32) : t;
+  };
+  torch::Tensor acc = part(0).clone();
+  for (int src = 1; src < n; ++src) {
+    if (reduce == ReduceOp::Max)
+      acc = torch::maximum(acc, part(src));
+    else
+      acc.add_(part(src));
+  }
+  if (reduce == ReduceOp::Avg) {
+    if (acc.is_floating_point())
+      acc.div_(n);
+    else
+      acc = acc.div(n, "floor");
+  }
+  return acc;
+}
 }  // namespace
 
 std::vector<std::unique_ptr<ThreadComm>> ThreadComm::create_world(int n, double timeout_s) {
@@ -225,40 +272,9 @@ void ThreadComm::do_all_reduce(torch::Tensor& tensor, ReduceOp reduce) {
   post.tensor = tensor;
   post.reduce = reduce;
   uint64_t seq = arrive(std::move(post));
-  const int n = size();
-  for (int src = 0; src < n; ++src) {
-    const Post* p = group_->slots[src].post;
-    if (!p->tensor.sizes().equals(tensor.sizes()) ||
-        p->tensor.scalar_type() != tensor.scalar_type() || p->reduce != reduce) {
-      std::ostringstream why;
-      why << "rank " << group_->world_ranks[src] << " sent shape " << shape_str(p->tensor) << " "
-          << p->tensor.scalar_type() << " (" << reduce_op_name(p->reduce) << "), rank "
-          << group_->world_ranks[rank_] << " expected " << shape_str(tensor) << " "
-          << tensor.scalar_type() << " (" << reduce_op_name(reduce) << ") (all_reduce #" << seq
-          << ")";
-      fail(why.str());
-    }
-  }
-  // Every rank reduces in rank order with the same arithmetic: identical bits everywhere.
-  const bool low_precision =
-      tensor.scalar_type() == torch::kBFloat16 || tensor.scalar_type() == torch::kFloat16;
-  auto acc_of = [&](int src) {
-    const torch::Tensor& t = group_->slots[src].post->tensor;
-    return low_precision ? t.to(torch::kFloat32) : t;
-  };
-  torch::Tensor acc = acc_of(0).clone();
-  for (int src = 1; src < n; ++src) {
-    if (reduce == ReduceOp::Max)
-      acc = torch::maximum(acc, acc_of(src));
-    else
-      acc.add_(acc_of(src));
-  }
-  if (reduce == ReduceOp::Avg) {
-    if (acc.is_floating_point())
-      acc.div_(n);
-    else
-      acc = acc.div(n, "floor");
-  }
+  const std::string why = reduce_disagreement(*group_, rank_, tensor, reduce, "all_reduce", seq);
+  if (!why.empty()) fail(why);
+  torch::Tensor acc = reduce_in_rank_order(*group_, reduce, 0, tensor.size(0));
   depart(seq, "all_reduce");  // peers have read our input: safe to overwrite it now
   tensor.copy_(acc);
 }
@@ -270,41 +286,12 @@ void ThreadComm::do_reduce_scatter(const torch::Tensor& input, torch::Tensor& ou
   post.tensor = input;
   post.reduce = reduce;
   uint64_t seq = arrive(std::move(post));
-  const int n = size();
-  for (int src = 0; src < n; ++src) {
-    const Post* p = group_->slots[src].post;
-    if (!p->tensor.sizes().equals(input.sizes()) ||
-        p->tensor.scalar_type() != input.scalar_type() || p->reduce != reduce) {
-      std::ostringstream why;
-      why << "rank " << group_->world_ranks[src] << " sent shape " << shape_str(p->tensor) << " "
-          << p->tensor.scalar_type() << " (" << reduce_op_name(p->reduce) << "), rank "
-          << group_->world_ranks[rank_] << " expected " << shape_str(input) << " "
-          << input.scalar_type() << " (" << reduce_op_name(reduce) << ") (reduce_scatter #"
-          << seq << ")";
-      fail(why.str());
-    }
-  }
-  // This rank's block, reduced in rank order exactly as do_all_reduce reduces it.
+  const std::string why =
+      reduce_disagreement(*group_, rank_, input, reduce, "reduce_scatter", seq);
+  if (!why.empty()) fail(why);
+  // This rank's block, reduced exactly as do_all_reduce reduces it.
   const int64_t rows = out.size(0);
-  const bool low_precision =
-      input.scalar_type() == torch::kBFloat16 || input.scalar_type() == torch::kFloat16;
-  auto block_of = [&](int src) {
-    torch::Tensor b = group_->slots[src].post->tensor.narrow(0, rank_ * rows, rows);
-    return low_precision ? b.to(torch::kFloat32) : b;
-  };
-  torch::Tensor acc = block_of(0).clone();
-  for (int src = 1; src < n; ++src) {
-    if (reduce == ReduceOp::Max)
-      acc = torch::maximum(acc, block_of(src));
-    else
-      acc.add_(block_of(src));
-  }
-  if (reduce == ReduceOp::Avg) {
-    if (acc.is_floating_point())
-      acc.div_(n);
-    else
-      acc = acc.div(n, "floor");
-  }
+  torch::Tensor acc = reduce_in_rank_order(*group_, reduce, rank_ * rows, rows);
   depart(seq, "reduce_scatter");
   out.copy_(acc);
 }
