@@ -452,6 +452,16 @@ void MpiComm::raw_alltoallv(const torch::Tensor& input, torch::Tensor& output,
   if (rc_ != MPI_SUCCESS) MOE_THROW(CommError, "MPI_Alltoallv failed: " << mpi_error_string(rc_));
 }
 
+namespace {
+// ReduceOp::Avg after an MPI sum (MPI has no average): floor division for integers.
+void divide_in_place(torch::Tensor& t, int n) {
+  if (t.is_floating_point())
+    t.div_(n);
+  else
+    t.copy_(t.div(n, "floor"));
+}
+}  // namespace
+
 void MpiComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
   if (g_broken)
     MOE_THROW(CommError, "all_reduce refused: an earlier collective failed on this rank");
@@ -465,12 +475,7 @@ void MpiComm::do_all_reduce(torch::Tensor& tensor, ReduceOp op) {
                           mpi_type(work.scalar_type()), mop, as_comm_c(comm_), &req);
   if (rc != MPI_SUCCESS) fail(std::string("all_reduce failed: ") + mpi_error_string(rc));
   wait_collective(&req, "all_reduce", seq);
-  if (op == ReduceOp::Avg) {
-    if (work.is_floating_point())
-      work.div_(size_);
-    else
-      work.copy_(work.div(size_, "floor"));
-  }
+  if (op == ReduceOp::Avg) divide_in_place(work, size_);
   if (low_precision) tensor.copy_(work);
 }
 
@@ -491,12 +496,7 @@ void MpiComm::do_reduce_scatter(const torch::Tensor& input, torch::Tensor& out, 
                                      mop, as_comm_c(comm_), &req);
   if (rc != MPI_SUCCESS) fail(std::string("reduce_scatter failed: ") + mpi_error_string(rc));
   wait_collective(&req, "reduce_scatter", seq);
-  if (op == ReduceOp::Avg) {
-    if (recv.is_floating_point())
-      recv.div_(size_);
-    else
-      recv.copy_(recv.div(size_, "floor"));
-  }
+  if (op == ReduceOp::Avg) divide_in_place(recv, size_);
   if (low_precision) out.copy_(recv);
 }
 
